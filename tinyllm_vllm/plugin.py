@@ -1,0 +1,20 @@
+"""The vLLM plugin: entry point ``vllm.general_plugins: tinyllm = tinyllm_vllm.plugin:register``.
+
+vLLM calls ``register()`` in every process it creates (front end, engine core, workers), so it must
+be idempotent and cheap: the model class is registered by import path and imported only where the
+model is built, and no CUDA is touched here.
+"""
+
+ARCH = "TinyllmForCausalLM"
+MODEL_CLASS = "tinyllm_vllm.model:TinyllmForCausalLM"
+
+
+def register() -> None:
+    """Register TinyLLM's config with transformers' AutoConfig and its model class with vLLM (idempotent)."""
+    from .config import register_config
+
+    register_config()
+    from vllm import ModelRegistry
+
+    if ARCH not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCH, MODEL_CLASS)
