@@ -33,9 +33,13 @@ from vllm.model_executor.models.utils import (
     make_layers,
     maybe_prefix,
 )
+from vllm.logger import init_logger
 from vllm.sequence import IntermediateTensors
 
 from .config import TinyllmConfigError, expected_tensor_names
+
+# under the "vllm" logger so the line shows up in vLLM's own log format and handlers
+logger = init_logger("vllm.tinyllm_vllm")
 
 # Head sizes of vLLM's CPU attention backend (CPUAttentionBackend.get_supported_head_sizes, 0.20-0.33).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -198,6 +202,8 @@ class TinyllmForCausalLM(nn.Module, SupportsPP, SupportsLoRA):
 
         config = vllm_config.model_config.hf_config
         check_supported(config, current_platform.device_type)
+        # the line tests and learners look for: the plugin's class, built in vLLM's worker process
+        logger.info("tinyllm_vllm: building TinyllmForCausalLM from the plugin (%s)", __name__)
         self.config = config
         self.model = TinyllmModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:

@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     summaries = []
     for dtype in args.dtype:
         if args.engine == "vllm":
-            s = vllm_parity(args.model, goldens, dtype, enforce_eager=args.enforce_eager, max_model_len=256)
+            from .settings import detect_device
+
+            # on CPU the KV cache must be sized explicitly (vLLM otherwise wants 92% of RAM free)
+            extra = {"kv_cache_memory_bytes": 1 << 29} if detect_device() == "cpu" else {}
+            s = vllm_parity(args.model, goldens, dtype, enforce_eager=args.enforce_eager, max_model_len=256, **extra)
         else:
             s = hf_parity(args.model, goldens, dtype)
         summaries.append(s)

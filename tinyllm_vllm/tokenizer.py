@@ -24,8 +24,18 @@ CHATGLM_EXTRA_TOKENS = [
 MATCHED_IN_TEXT = ["[gMASK]", "sop", "<|user|>", "<|assistant|>"]
 EOS_ID, PAD_ID = 2, 0
 DEFAULT_SYSTEM = "你是由wdndev开发的个人助手。"
-# ids that end a reply: eos, and the role tokens the model emits when it starts a new turn.
-STOP_TOKEN_IDS = [EOS_ID, 64795, 64796, 64797]
+# what ends a reply besides eos: the role tokens the model emits when it starts a new turn
+STOP_TOKENS = ["<|user|>", "<|assistant|>", "<|observation|>"]
+
+
+def extra_token_id(token: str, num_pieces: int) -> int:
+    """Id of a ChatGLM token placed after ``num_pieces`` SentencePiece pieces (64789 for TinyLLM)."""
+    return num_pieces + CHATGLM_EXTRA_TOKENS.index(token)
+
+
+def stop_token_ids(num_pieces: int) -> list[int]:
+    """eos plus the role tokens; [2, 64795, 64796, 64797] for the real TinyLLM vocabulary."""
+    return [EOS_ID] + [extra_token_id(t, num_pieces) for t in STOP_TOKENS]
 
 # The training format (tiny-llm-zh train/tinyllm_dataset.py), byte for byte, for one user turn:
 #   [gMASK]sop<|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n
@@ -46,7 +56,7 @@ CHAT_TEMPLATE = (
     "' (use system first, then user/assistant)') }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{{ '\\n' }}{%- endif -%}"
 )
 
 
@@ -97,13 +107,12 @@ def build_backend(spm_model: str | Path):
     return tok
 
 
-def tokenizer_config(model_max_length: int) -> dict:
+def tokenizer_config(model_max_length: int, num_pieces: int) -> dict:
     """tokenizer_config.json for the fast tokenizer (loaded by AutoTokenizer, no remote code)."""
     added = {}
-    for j, t in enumerate(CHATGLM_EXTRA_TOKENS):
-        if t in MATCHED_IN_TEXT:
-            added[str(64789 + j)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                     "single_word": False, "special": False}
+    for t in MATCHED_IN_TEXT:
+        added[str(extra_token_id(t, num_pieces))] = {"content": t, "lstrip": False, "normalized": False,
+                                                     "rstrip": False, "single_word": False, "special": False}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
@@ -119,11 +128,15 @@ def tokenizer_config(model_max_length: int) -> dict:
     }
 
 
-def write_tokenizer(spm_model: str | Path, out_dir: str | Path, model_max_length: int = 1024) -> None:
-    """Write tokenizer.json + tokenizer_config.json (with the chat template) into ``out_dir``."""
+def write_tokenizer(spm_model: str | Path, out_dir: str | Path, model_max_length: int = 1024) -> int:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into ``out_dir``.
+
+    Returns the number of SentencePiece pieces (the id of the first ChatGLM token)."""
     out_dir = Path(out_dir)
     backend = build_backend(spm_model)
     backend.save(str(out_dir / "tokenizer.json"))
-    cfg = tokenizer_config(model_max_length)
+    num_pieces = backend.token_to_id(CHATGLM_EXTRA_TOKENS[0])
+    cfg = tokenizer_config(model_max_length, num_pieces)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n")
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return num_pieces

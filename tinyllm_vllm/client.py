@@ -1,0 +1,78 @@
+"""Talking to the server: the ``openai`` client, and raw HTTP that shows the JSON and the curl line.
+
+The raw helpers exist to teach what goes over the wire; the ``openai`` client is what to use in code.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterator
+
+import httpx
+
+
+def openai_client(base_url: str, api_key: str | None = None, timeout: float = 120.0):
+    """``openai.OpenAI`` bound to a vLLM server; ``max_retries=0`` so failures surface at once."""
+    import openai
+
+    return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+
+
+def curl_line(url: str, payload: dict | None = None, api_key: str | None = None) -> str:
+    """The curl command equivalent to a request (what a terminal user would type)."""
+    parts = ["curl", "-s", url]
+    if api_key:
+        parts += ["-H", f"Authorization: Bearer {api_key}"]
+    if payload is not None:
+        parts += ["-H", "Content-Type: application/json", "-d", json.dumps(payload, ensure_ascii=False)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def http_get(base_url: str, path: str, api_key: str | None = None, show: bool = False, timeout: float = 30) -> dict:
+    """GET ``base_url + path`` and return the JSON body (raises on HTTP errors)."""
+    url = base_url.rstrip("/") + path
+    if show:
+        print("$", curl_line(url, api_key=api_key))
+    r = httpx.get(url, headers=_headers(api_key), timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def http_post(base_url: str, path: str, payload: dict, api_key: str | None = None, show: bool = False,
+              timeout: float = 120) -> dict:
+    """POST JSON to ``base_url + path`` and return the JSON body (raises on HTTP errors)."""
+    url = base_url.rstrip("/") + path
+    if show:
+        print("$", curl_line(url, payload, api_key))
+    r = httpx.post(url, json=payload, headers=_headers(api_key), timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def http_stream(base_url: str, path: str, payload: dict, api_key: str | None = None,
+                timeout: float = 120) -> Iterator[dict]:
+    """POST with ``"stream": true`` and yield each server-sent event's JSON until ``data: [DONE]``."""
+    url = base_url.rstrip("/") + path
+    with httpx.stream("POST", url, json=payload | {"stream": True}, headers=_headers(api_key),
+                      timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+def delta_text(event: dict) -> str:
+    """The text piece of one streamed chunk, for /v1/completions and /v1/chat/completions alike."""
+    if not event.get("choices"):
+        return ""
+    choice = event["choices"][0]
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
