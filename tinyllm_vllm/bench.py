@@ -57,7 +57,7 @@ def machine() -> dict:
 
 # --- one engine, in this process -------------------------------------------------------------------
 
-def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args: dict) -> dict:
+def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args: dict, repeats: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -67,11 +67,14 @@ def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(reqs[: min(8, len(reqs))], params, use_tqdm=False)  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(reqs, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):  # same engine, same workload: the run-to-run spread
+        t = time.perf_counter()
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"elapsed_s": elapsed, "output_tokens": out_tokens, "engine_start_s": start}
+    return {"elapsed_s": statistics.median(times), "output_tokens": out_tokens, "engine_start_s": start,
+            "runs_tok_s": [out_tokens / t for t in times]}
 
 
 def _run_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str,
@@ -126,7 +129,7 @@ def worker(spec: dict) -> dict:
             args["model_impl"] = "vllm"
         else:
             args["model_impl"] = "vllm"
-        r = _run_vllm(spec["model"], prompts, spec["output_len"], args)
+        r = _run_vllm(spec["model"], prompts, spec["output_len"], args, spec.get("repeats", 1))
     r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
     r["total_tok_s"] = (r["output_tokens"] + spec["num_prompts"] * spec["input_len"]) / r["elapsed_s"]
     return r
@@ -151,13 +154,12 @@ def offline(model: str, engines: list[str], num_prompts: int, input_len: int, ou
             "vocab": vocab, "engine_args": engine_args, "hf_batch_sizes": hf_batch_sizes}
     runs = {}
     for engine in engines:
-        runs[engine] = []
-        for i in range(repeats):
-            progress(f"[bench] {engine} run {i + 1}/{repeats}: {num_prompts} prompts x {input_len}+{output_len} tokens")
-            r = run_engine(base | {"engine": engine})
-            progress(f"[bench] {engine}: {r['output_tok_s']:.0f} output tok/s")
-            runs[engine].append(r)
-    summary = {e: statistics.median(r["output_tok_s"] for r in rs) for e, rs in runs.items()}
+        progress(f"[bench] {engine}: {num_prompts} prompts x {input_len}+{output_len} tokens, {repeats} run(s)")
+        runs[engine] = run_engine(base | {"engine": engine, "repeats": repeats})
+        progress(f"[bench] {engine}: {runs[engine]['output_tok_s']:,.0f} output tok/s")
+    summary = {e: r["output_tok_s"] for e, r in runs.items()}
+    spread = {e: (max(r["runs_tok_s"]) - min(r["runs_tok_s"])) / statistics.median(r["runs_tok_s"])
+              for e, r in runs.items() if len(r.get("runs_tok_s", [])) > 1}
     ratios = {}
     if "plugin" in summary and "qwen2" in summary:
         ratios["plugin_vs_qwen2"] = summary["plugin"] / summary["qwen2"]
@@ -165,7 +167,26 @@ def offline(model: str, engines: list[str], num_prompts: int, input_len: int, ou
         ratios["plugin_vs_transformers"] = summary["plugin"] / summary["transformers"]
     return {"kind": "offline", "machine": machine(), "workload": {k: base[k] for k in (
         "num_prompts", "input_len", "output_len")}, "engine_args": engine_args,
-        "median_output_tok_s": summary, "ratios": ratios, "runs": runs}
+        "median_output_tok_s": summary, "spread": spread, "ratios": ratios, "runs": runs}
+
+
+def tune(model: str, variants: dict[str, dict], num_prompts: int, input_len: int, output_len: int,
+         base_args: dict, repeats: int = 3, progress=print) -> dict:
+    """Offline throughput of the plugin under several vLLM settings (one engine per variant)."""
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    spec = {"model": str(model), "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+            "vocab": vocab, "hf_batch_sizes": [], "engine": "plugin", "repeats": repeats}
+    out = {}
+    for name, extra in variants.items():
+        progress(f"[tune] {name}: {extra}")
+        try:
+            out[name] = run_engine(spec | {"engine_args": base_args | extra}) | {"engine_args": extra}
+            progress(f"[tune] {name}: {out[name]['output_tok_s']:,.0f} output tok/s")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # a setting this vLLM rejects is a result too
+            out[name] = {"error": str(e)[-2000:], "engine_args": extra}
+            progress(f"[tune] {name}: failed")
+    return {"kind": "tune", "machine": machine(), "workload": {"num_prompts": num_prompts, "input_len": input_len,
+            "output_len": output_len}, "base_args": base_args, "variants": out}
 
 
 # --- serving -----------------------------------------------------------------------------------------
@@ -222,7 +243,8 @@ def serve(model: str, concurrency: list[int], num_prompts: int, input_len: int, 
     with VLLMServer(model, settings=settings, extra_args=list(server_args)) as server:
         progress(f"[bench] server ready at {server.base_url}")
         for c in concurrency:
-            prompts = random_prompts(max(num_prompts, c), input_len, vocab, seed=c)
+            # at least 4 rounds of requests per level, so the level is measured in steady state
+            prompts = random_prompts(max(num_prompts, 4 * c), input_len, vocab, seed=c)
             asyncio.run(_serve_level(server.base_url, server.served_model_name, prompts[:c], output_len, c, None))
             r = asyncio.run(_serve_level(server.base_url, server.served_model_name, prompts, output_len, c, None))
             progress(f"[bench] concurrency {c}: {r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_ms_p50']:.1f} ms, "
@@ -236,6 +258,16 @@ def serve(model: str, concurrency: list[int], num_prompts: int, input_len: int, 
 
 def table(results: dict) -> str:
     """A markdown table of one results dict."""
+    if results["kind"] == "tune":
+        rows = ["| setting | vLLM arguments | output tok/s (median) | spread (max-min)/median |", "|---|---|---:|---:|"]
+        for name, v in results["variants"].items():
+            if "error" in v:
+                rows.append(f"| {name} | `{json.dumps(v['engine_args'])}` | failed | |")
+            else:
+                runs = v["runs_tok_s"]
+                spread = (max(runs) - min(runs)) / statistics.median(runs)
+                rows.append(f"| {name} | `{json.dumps(v['engine_args'])}` | {v['output_tok_s']:,.0f} | {spread:.1%} |")
+        return "\n".join(rows)
     if results["kind"] == "offline":
         rows = ["| engine | output tok/s (median) | vs plugin |", "|---|---:|---:|"]
         med = results["median_output_tok_s"]
@@ -258,15 +290,17 @@ def plot(results: list[dict], png: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [r for r in results if r["kind"] == "offline"] + [r for r in results if r["kind"] == "serve"]
+    panels = [r for r in results if r["kind"] in ("offline", "tune")] + [r for r in results if r["kind"] == "serve"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, r in zip(axes[0], panels):
         w = r["workload"]
-        if r["kind"] == "offline":
-            med = r["median_output_tok_s"]
-            ax.bar(list(med), list(med.values()), color=["#4c72b0", "#8c8c8c", "#dd8452"][: len(med)])
+        if r["kind"] in ("offline", "tune"):
+            med = r["median_output_tok_s"] if r["kind"] == "offline" else {
+                k: v["output_tok_s"] for k, v in r["variants"].items() if "output_tok_s" in v}
+            ax.bar(list(med), list(med.values()), color=["#4c72b0", "#8c8c8c", "#dd8452", "#55a868", "#c44e52"][: len(med)])
+            ax.tick_params(axis="x", labelrotation=20)
             ax.set_ylabel("output tokens / s")
-            ax.set_title(f"offline: {w['num_prompts']} prompts x {w['input_len']}+{w['output_len']}")
+            ax.set_title(f"{r['kind']}: {w['num_prompts']} prompts x {w['input_len']}+{w['output_len']}")
             for i, v in enumerate(med.values()):
                 ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom")
         else:

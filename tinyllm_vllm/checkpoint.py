@@ -267,13 +267,15 @@ DEMO_CORPUS = Path(__file__).with_name("demo_corpus.txt")
 
 
 def demo_model(out: str | Path, layers: int = 2, hidden: int = 128, heads: int = 2, intermediate: int = 352,
-               seed: int = 0) -> Path:
+               seed: int = 0, spm_model: str | Path | None = None) -> Path:
     """Write a small random-weight TinyLLM laid out like the published repo (so it goes through prepare).
 
     Head size is hidden/heads = 64 (a size vLLM's CPU attention supports). The tokenizer is a small
     SentencePiece BPE model trained here on an embedded corpus with the ChatGLM3 options (byte
     fallback, dummy prefix, identity normalizer), followed by the same 9 ChatGLM tokens. The weights
-    are random: the text it generates is noise, and the manifest says so.
+    are random: the text it generates is noise, and the manifest says so. Pass ``spm_model`` (the real
+    ChatGLM3 tokenizer.model) and layers=8, hidden=512, heads=8, intermediate=1408 for a random model of
+    the published 92M shape (the benchmarks use that).
     """
     import sentencepiece as spm
     import torch
@@ -288,12 +290,15 @@ def demo_model(out: str | Path, layers: int = 2, hidden: int = 128, heads: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        spm.SentencePieceTrainer.train(
-            input=str(DEMO_CORPUS), model_prefix=str(tmp / "tokenizer"), model_type="bpe", vocab_size=1200,
-            hard_vocab_limit=False, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-            remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
-        (tmp / "tokenizer.vocab").unlink()
+        if spm_model:
+            shutil.copy(spm_model, tmp / "tokenizer.model")
+        else:
+            spm.SentencePieceTrainer.train(
+                input=str(DEMO_CORPUS), model_prefix=str(tmp / "tokenizer"), model_type="bpe", vocab_size=1200,
+                hard_vocab_limit=False, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+                remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
+                unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+            (tmp / "tokenizer.vocab").unlink()
         pieces = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).get_piece_size()
         vocab = pieces + len(CHATGLM_EXTRA_TOKENS)
         config = {

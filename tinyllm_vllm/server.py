@@ -119,7 +119,9 @@ class VLLMServer:
     # --- command line ------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        """The exact command line the server is started with."""
+        """The exact command line the server is started with (a free port is picked if none was given)."""
+        if self.port is None:
+            self.port = free_port(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--served-model-name", self.served_model_name, "--max-model-len", str(self.max_model_len),
                "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
@@ -153,8 +155,7 @@ class VLLMServer:
         """Launch the server (and by default wait until it answers). Stops it again on any failure."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        if self.port is None:
-            self.port = free_port(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
+        cmd = self.command()
         if self.log_file is None:
             logs = self._home / "logs"
             logs.mkdir(parents=True, exist_ok=True)
@@ -162,9 +163,9 @@ class VLLMServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
         with open(self.log_file, "ab") as log:
-            log.write(("$ " + " ".join(self.command()) + "\n").encode())
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         self._finalizer = weakref.finalize(self, _stop_group, self.proc, 10.0)
