@@ -95,11 +95,13 @@ def _run_transformers(model: str, prompts: list[list[int]], output_len: int, dty
                          min_new_tokens=output_len, do_sample=False, pad_token_id=0, eos_token_id=None)
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
-    # the best batch size: a short probe of each on one batch, then the full run with the winner
+    # the best batch size: each size is warmed up (kernel choice, allocator) and then timed on one
+    # full-length batch; the whole workload then runs at the winner
     probe = {}
     with torch.inference_mode():
-        run(prompts[:1])  # warm-up
         for bs in batch_sizes:
+            m.generate(torch.tensor(prompts[:bs], device=device), max_new_tokens=8, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)
             sync()
             t = time.perf_counter()
             n = run(prompts[:bs])
