@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 export TINYLLM_HOME ?= $(CURDIR)/.tinyllm
 
-.PHONY: install test demo lab clean
+.PHONY: install test reliability demo lab clean
 
 install: $(STAMP)
 
@@ -28,9 +28,14 @@ $(STAMP): pyproject.toml
 
 test: install
 	TINYLLM_MODEL=demo $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory reliability
+
+# load, bad requests, auth and faults against the real server; prints the summary, fails on any loss or leak
+reliability: install
+	TINYLLM_MODEL=demo VLLM_LOGGING_LEVEL=WARNING $(PY) -m tinyllm_vllm.reliability
 
 demo: install
-	$(PY) -m tinyllm_vllm.walkthrough
+	VLLM_LOGGING_LEVEL=WARNING $(PY) -m tinyllm_vllm.walkthrough
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks/

@@ -17,6 +17,8 @@ import struct
 import tempfile
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
+
 from .config import TinyllmConfig, TinyllmConfigError, expected_tensor_names
 from .tokenizer import CHATGLM_EXTRA_TOKENS, EOS_ID, PAD_ID, stop_token_ids, write_tokenizer
 
@@ -170,8 +172,9 @@ def inspect_source(src_dir: Path) -> dict:
         cfg = TinyllmConfig(**fields)
     except TinyllmConfigError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from e
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid field: {e}") from e
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        # e.g. "Validation error for field 'hidden_size': expected int, got str"
+        raise CheckpointError(f"{cfg_path}: invalid field: {' '.join(str(e).split())}") from e
 
     import sentencepiece as spm
 

@@ -54,6 +54,11 @@ class TinyllmConfig(PreTrainedConfig):
             raise TinyllmConfigError(
                 f"config.json field 'hidden_act' is {self.hidden_act!r}; TinyLLM only supports "
                 f"{SUPPORTED_HIDDEN_ACT!r} (SwiGLU MLP)")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise TinyllmConfigError(f"config.json field {name!r} must be a positive integer, "
+                                         f"got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise TinyllmConfigError(
                 f"config.json field 'hidden_size' ({self.hidden_size}) is not a multiple of "

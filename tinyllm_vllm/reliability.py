@@ -158,7 +158,6 @@ def bad_requests(server: VLLMServer) -> dict:
                 r = http.request(method, path)
             else:
                 r = http.request(method, path, content=json.dumps(body), headers={"Content-Type": "application/json"})
-            message = ""
             try:
                 payload = r.json()
                 message = str((payload.get("error") or {}).get("message") or payload.get("detail") or payload)[:160]
@@ -166,7 +165,8 @@ def bad_requests(server: VLLMServer) -> dict:
                 message = r.text[:160]
             good = http.post("/v1/completions", json={"model": server.served_model_name, "prompt": "你好",
                                                        "max_tokens": 2}).status_code == 200
-            results.append({"kind": kind, "status": r.status_code, "message": message, "good_after": good})
+            results.append({"kind": kind, "status": r.status_code, "message": " ".join(message.split()),
+                            "good_after": good})
     return {"tried": len(results), "answered_4xx": sum(400 <= r["status"] < 500 and bool(r["message"]) for r in results),
             "answered_5xx": sum(r["status"] >= 500 for r in results),
             "server_up": all(r["good_after"] for r in results), "results": results}
@@ -255,9 +255,42 @@ def faults(model: str | Path, settings: Settings, not_prepared: Path) -> dict:
             s.stop()
             return "exited with code -9" in str(e), str(e).splitlines()[0], s.proc.pid
 
+    def kernel_interrupted_and_restarted():
+        # what Jupyter does: a kernel runs a notebook cell that starts a server, the user interrupts a
+        # long cell, then restarts the kernel; the server must not outlive the kernel
+        from jupyter_client.manager import start_new_kernel
+
+        km, kc = start_new_kernel(kernel_name="python3")
+        try:
+            code = (f"from tinyllm_vllm.server import VLLMServer\nfrom tinyllm_vllm.settings import Settings\n"
+                    f"s = VLLMServer({str(model)!r}, settings=Settings(device='cpu', kv_cache_gb={settings.kv_cache_gb},"
+                    f" max_model_len={settings.max_model_len}).resolved()).start()\nprint(s.proc.pid)")
+            pid = None
+
+            def grab(msg):
+                nonlocal pid
+                if msg["msg_type"] == "stream" and msg["content"]["text"].strip().isdigit():
+                    pid = int(msg["content"]["text"].strip())
+
+            kc.execute_interactive(code, timeout=300, output_hook=grab)
+            msg_id = kc.execute("import time; time.sleep(120)")
+            time.sleep(2)
+            km.interrupt_kernel()
+            reply = kc.get_shell_msg(timeout=30)
+            interrupted = reply["parent_header"].get("msg_id") == msg_id and reply["content"]["status"] == "error"
+            alive_after_interrupt = bool(pid and group_members(pid))
+            km.restart_kernel(now=False)
+            gone = bool(pid) and wait_group_gone(pid, 60)
+            return (interrupted and gone, f"interrupt reported: {interrupted}; server kept through the "
+                    f"interrupt: {alive_after_interrupt}; gone after restart: {gone}", pid)
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
     checks = [_fault("port already taken", port_taken), _fault("not a prepared checkpoint", not_a_checkpoint),
               _fault("engine killed while serving", engine_killed),
-              _fault("server killed during start", killed_during_start)]
+              _fault("server killed during start", killed_during_start),
+              _fault("kernel interrupted, then restarted", kernel_interrupted_and_restarted)]
     return {"tried": len(checks), "handled": sum(c["reported"] and not c["processes_left"] for c in checks),
             "processes_left": sum(c["processes_left"] for c in checks), "results": checks}
 
