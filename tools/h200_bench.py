@@ -1,6 +1,6 @@
 """The H200 benchmark run (vLLM 0.26.0 through ../shared/gpu), one part per device call:
 
-    python3 tools/h200_bench.py offline|tune|serve    (writes bench_<part>.json into $OUT)
+    python3 tools/h200_bench.py offline|tune|tune2|hf|serve    (writes bench_<part>.json into $OUT)
 
 The model is a random-weight TinyLLM of the published 92M shape (8 layers, hidden 512, 8 heads,
 intermediate 1408) with the real ChatGLM3 vocabulary (64798), built by demo_model + prepare.
@@ -25,6 +25,14 @@ VARIANTS = {
     "+async_scheduling": {"max_num_seqs": 1024, "max_num_batched_tokens": 16384,
                           "compilation_config": {"max_cudagraph_capture_size": 1024}, "async_scheduling": True},
 }
+# second round: less per-step host work (no prefix-cache hashing, the whole prefill in one step)
+VARIANTS2 = {
+    "+no prefix caching": {"max_num_seqs": 1024, "max_num_batched_tokens": 16384, "async_scheduling": True,
+                           "compilation_config": {"max_cudagraph_capture_size": 1024}, "enable_prefix_caching": False},
+    "+max_num_batched_tokens=131072": {"max_num_seqs": 1024, "max_num_batched_tokens": 131072,
+                                       "async_scheduling": True, "enable_prefix_caching": False,
+                                       "compilation_config": {"max_cudagraph_capture_size": 1024}},
+}
 
 
 def main(part: str) -> None:
@@ -40,6 +48,10 @@ def main(part: str) -> None:
         r = bench.offline(model, list(bench.ENGINES), N, IN, OUTLEN, base, hf_batch_sizes=[64, 256, 1024], repeats=3)
     elif part == "tune":
         r = bench.tune(model, VARIANTS, N, IN, OUTLEN, base, repeats=3)
+    elif part == "tune2":
+        r = bench.tune(model, VARIANTS2, N, IN, OUTLEN, base, repeats=3)
+    elif part == "hf":
+        r = bench.offline(model, ["transformers"], N, IN, OUTLEN, base, hf_batch_sizes=[64, 256, 1024])
     else:
         s.gpu_util = 0.8
         r = bench.serve(model, [1, 16, 64, 256], 32, IN, OUTLEN, s)
