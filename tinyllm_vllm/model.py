@@ -10,6 +10,7 @@ No ``from __future__ import annotations`` here: ``support_torch_compile`` reads 
 """
 
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -157,7 +158,8 @@ class TinyllmModel(nn.Module):
             residual = None
         else:
             hidden_states, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
-        for layer in self.layers[self.start_layer:self.end_layer]:
+        # islice, not self.layers[a:b]: slicing a ModuleList builds a new module on every step
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden_states, residual = layer(positions, hidden_states, residual)
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})

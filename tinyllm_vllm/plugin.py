@@ -18,3 +18,14 @@ def register() -> None:
 
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, MODEL_CLASS)
+        _warn_if_untested_vllm()
+
+
+def _warn_if_untested_vllm() -> None:
+    import logging
+
+    from .doctor import check_vllm_version
+
+    check = check_vllm_version()
+    if not check.ok:
+        logging.getLogger("vllm.tinyllm_vllm").warning("tinyllm_vllm: %s", check.detail)

@@ -279,6 +279,13 @@ except ProcessLookupError:
     left = False
 assert not server.running and not left
 print("stopped; log kept at", server.log_file)'''),
+        md("""
+## 8. Going further: more GPUs
+The same handle passes vLLM's parallelism flags: `VLLMServer(model_dir, tensor_parallel_size=2)` splits every
+layer over two GPUs (TinyLLM's 8 heads divide by 2, 4 and 8; the model uses vLLM's parallel linears, so
+nothing changes in `model.py`), and `data_parallel_size=2` runs one full copy per GPU behind one endpoint,
+which is what a 92M model wants. On the CLI: `tinyllm-vllm serve --tensor-parallel-size 2`.
+"""),
         md("Next: **04_benchmark** — what vLLM buys for a 92M model."),
     ],
     "04_benchmark": [
@@ -343,6 +350,8 @@ Path("h200_bench.png").unlink(missing_ok=True)'''),
 def main() -> None:
     HERE.mkdir(exist_ok=True)
     for name, cells in NOTEBOOKS.items():
+        for i, cell in enumerate(cells):
+            cell.id = f"c{i:02d}"  # stable ids: rebuilding does not churn the diff
         nb = nbf.v4.new_notebook(cells=cells)
         nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                        "language_info": {"name": "python"}}
