@@ -57,7 +57,14 @@ def machine() -> dict:
 
 # --- one engine, in this process -------------------------------------------------------------------
 
-def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args: dict, repeats: int) -> dict:
+def _wait_for_go() -> None:
+    # lockstep with the other engines on this GPU: say ready, start when the parent says so
+    print("READY", flush=True)
+    sys.stdin.readline()
+
+
+def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args: dict, repeats: int,
+              lockstep: bool = False) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -69,12 +76,14 @@ def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args
     llm.generate(reqs[: min(8, len(reqs))], params, use_tqdm=False)  # warm-up
     times = []
     for _ in range(repeats):  # same engine, same workload: the run-to-run spread
+        if lockstep:
+            _wait_for_go()
         t = time.perf_counter()
         outs = llm.generate(reqs, params, use_tqdm=False)
         times.append(time.perf_counter() - t)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"elapsed_s": statistics.median(times), "output_tokens": out_tokens, "engine_start_s": start,
-            "runs_tok_s": [out_tokens / t for t in times]}
+            "runs_tok_s": [out_tokens / t for t in times], "runs_s": times}
 
 
 def _run_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str,
@@ -121,6 +130,9 @@ def _run_transformers(model: str, prompts: list[list[int]], output_len: int, dty
 def worker(spec: dict) -> dict:
     """Run one engine described by ``spec`` (what the parent passes on stdin)."""
     prompts = random_prompts(spec["num_prompts"], spec["input_len"], spec["vocab"], spec.get("seed", 0))
+    if "shard" in spec:  # one of several engines sharing the GPU: every k-th prompt
+        i, k = spec["shard"]
+        prompts = prompts[i::k]
     if spec["engine"] == "transformers":
         r = _run_transformers(spec["model"], prompts, spec["output_len"], spec["engine_args"].get("dtype", "auto"),
                               spec["hf_batch_sizes"])
@@ -132,15 +144,58 @@ def worker(spec: dict) -> dict:
             args["model_impl"] = "vllm"
         else:
             args["model_impl"] = "vllm"
-        r = _run_vllm(spec["model"], prompts, spec["output_len"], args, spec.get("repeats", 1))
+        r = _run_vllm(spec["model"], prompts, spec["output_len"], args, spec.get("repeats", 1), "shard" in spec)
     r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
     r["total_tok_s"] = (r["output_tokens"] + spec["num_prompts"] * spec["input_len"]) / r["elapsed_s"]
     return r
 
 
+def run_engines_sharing_gpu(spec: dict, k: int, timeout: float = 1800) -> dict:
+    """K engine processes on one GPU, each on 1/K of the prompts, timed in lockstep.
+
+    A 92M model leaves a GPU mostly idle: one engine is bound by its own per-token host work, so
+    several engines, each with its own processes and 1/K of the memory, run side by side.
+    """
+    args = dict(spec["engine_args"])
+    args["gpu_memory_utilization"] = args.get("gpu_memory_utilization", 0.8) / k
+    procs = [subprocess.Popen([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(k)]
+    try:
+        for i, p in enumerate(procs):
+            p.stdin.write(json.dumps(spec | {"engine_args": args, "shard": [i, k]}) + "\n")
+            p.stdin.flush()
+        deadline = time.monotonic() + timeout
+        for _ in range(spec.get("repeats", 1)):
+            for p in procs:  # every engine started and warmed up
+                while (line := p.stdout.readline()) and line.strip() != "READY":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("engines sharing the GPU did not become ready in time")
+                if not line:
+                    raise RuntimeError(f"an engine sharing the GPU exited (code {p.wait()})")
+            for p in procs:
+                p.stdin.write("GO\n")
+                p.stdin.flush()
+        results = []
+        for p in procs:
+            lines = [ln for ln in p.stdout.read().splitlines() if ln.startswith("{\"result\"")]
+            if p.wait() != 0 or not lines:
+                raise RuntimeError(f"an engine sharing the GPU failed (exit {p.returncode})")
+            results.append(json.loads(lines[-1])["result"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    # the engines started each run together: a run takes as long as its slowest engine
+    tokens = sum(r["output_tokens"] for r in results)
+    runs = [tokens / max(r["runs_s"][j] for r in results) for j in range(len(results[0]["runs_s"]))]
+    return {"output_tokens": tokens, "elapsed_s": tokens / statistics.median(runs), "runs_tok_s": runs,
+            "engines": k, "engine_start_s": max(r["engine_start_s"] for r in results)}
+
+
 def run_engine(spec: dict, timeout: float = 1800) -> dict:
     """Run ``worker(spec)`` in a fresh Python process and return its result."""
-    proc = subprocess.run([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"], input=json.dumps(spec),
+    proc = subprocess.run([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"], input=json.dumps(spec) + "\n",
                           capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{\"result\"")]
     if proc.returncode != 0 or not lines:
@@ -183,7 +238,12 @@ def tune(model: str, variants: dict[str, dict], num_prompts: int, input_len: int
     for name, extra in variants.items():
         progress(f"[tune] {name}: {extra}")
         try:
-            out[name] = run_engine(spec | {"engine_args": base_args | extra}) | {"engine_args": extra}
+            extra = dict(extra)
+            k = extra.pop("engines_per_gpu", 1)
+            run_spec = spec | {"engine_args": base_args | extra}
+            r = run_engines_sharing_gpu(run_spec, k) if k > 1 else run_engine(run_spec)
+            r["output_tok_s"] = statistics.median(r["runs_tok_s"])
+            out[name] = r | {"engine_args": extra | ({"engines_per_gpu": k} if k > 1 else {})}
             progress(f"[tune] {name}: {out[name]['output_tok_s']:,.0f} output tok/s")
         except (RuntimeError, subprocess.TimeoutExpired) as e:  # a setting this vLLM rejects is a result too
             out[name] = {"error": str(e)[-2000:], "engine_args": extra}
@@ -364,4 +424,4 @@ def main(a, s: Settings) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["_worker"]:
-    print(json.dumps({"result": worker(json.loads(sys.stdin.read()))}), flush=True)
+    print(json.dumps({"result": worker(json.loads(sys.stdin.readline()))}), flush=True)

@@ -1,6 +1,6 @@
 """The H200 benchmark run (vLLM 0.26.0 through ../shared/gpu), one part per device call:
 
-    python3 tools/h200_bench.py offline|tune|tune2|hf|serve    (writes bench_<part>.json into $OUT)
+    python3 tools/h200_bench.py offline|tune|tune2|tune3|hf|serve    (writes bench_<part>.json into $OUT)
 
 The model is a random-weight TinyLLM of the published 92M shape (8 layers, hidden 512, 8 heads,
 intermediate 1408) with the real ChatGLM3 vocabulary (64798), built by demo_model + prepare.
@@ -35,6 +35,12 @@ VARIANTS2 = {
 }
 
 
+# third round: several engines side by side on the one GPU (each with 1/k of the prompts and memory)
+_BEST = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384, "async_scheduling": True,
+         "compilation_config": {"max_cudagraph_capture_size": 1024}}
+VARIANTS3 = {"2 engines per GPU": _BEST | {"engines_per_gpu": 2}, "4 engines per GPU": _BEST | {"engines_per_gpu": 4}}
+
+
 def main(part: str) -> None:
     out = Path(os.environ.get("OUT", "."))
     src = demo_model("/tmp/m92-src", layers=8, hidden=512, heads=8, intermediate=1408,
@@ -50,6 +56,8 @@ def main(part: str) -> None:
         r = bench.tune(model, VARIANTS, N, IN, OUTLEN, base, repeats=3)
     elif part == "tune2":
         r = bench.tune(model, VARIANTS2, N, IN, OUTLEN, base, repeats=3)
+    elif part == "tune3":
+        r = bench.tune(model, VARIANTS3, N, IN, OUTLEN, base, repeats=3)
     elif part == "hf":
         r = bench.offline(model, ["transformers"], N, IN, OUTLEN, base, hf_batch_sizes=[64, 256, 1024])
     else:
