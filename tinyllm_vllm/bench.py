@@ -158,34 +158,50 @@ def run_engines_sharing_gpu(spec: dict, k: int, timeout: float = 1800) -> dict:
     """
     args = dict(spec["engine_args"])
     args["gpu_memory_utilization"] = args.get("gpu_memory_utilization", 0.8) / k
+    import os
+    import signal
+    import tempfile
+
+    logs = [tempfile.TemporaryFile("w+") for _ in range(k)]
+    # own process groups: an engine's EngineCore children must go down with it on any failure
     procs = [subprocess.Popen([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(k)]
+                              stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+             for log in logs]
+
+    def failure(i: int, what: str) -> RuntimeError:
+        logs[i].seek(0)
+        return RuntimeError(f"engine {i + 1}/{k} sharing the GPU {what}:\n" + "\n".join(logs[i].read().splitlines()[-30:]))
+
     try:
         for i, p in enumerate(procs):
             p.stdin.write(json.dumps(spec | {"engine_args": args, "shard": [i, k]}) + "\n")
             p.stdin.flush()
         deadline = time.monotonic() + timeout
         for _ in range(spec.get("repeats", 1)):
-            for p in procs:  # every engine started and warmed up
+            for i, p in enumerate(procs):  # every engine started and warmed up
                 while (line := p.stdout.readline()) and line.strip() != "READY":
                     if time.monotonic() > deadline:
-                        raise RuntimeError("engines sharing the GPU did not become ready in time")
+                        raise failure(i, "did not become ready in time")
                 if not line:
-                    raise RuntimeError(f"an engine sharing the GPU exited (code {p.wait()})")
+                    raise failure(i, f"exited with code {p.wait()}")
             for p in procs:
                 p.stdin.write("GO\n")
                 p.stdin.flush()
         results = []
-        for p in procs:
+        for i, p in enumerate(procs):
             lines = [ln for ln in p.stdout.read().splitlines() if ln.startswith("{\"result\"")]
             if p.wait() != 0 or not lines:
-                raise RuntimeError(f"an engine sharing the GPU failed (exit {p.returncode})")
+                raise failure(i, f"failed with exit code {p.returncode}")
             results.append(json.loads(lines[-1])["result"])
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        for log in logs:
+            log.close()
     # the engines started each run together: a run takes as long as its slowest engine
     tokens = sum(r["output_tokens"] for r in results)
     runs = [tokens / max(r["runs_s"][j] for r in results) for j in range(len(results[0]["runs_s"]))]
