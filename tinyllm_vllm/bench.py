@@ -163,27 +163,37 @@ def run_engines_sharing_gpu(spec: dict, k: int, timeout: float = 1800) -> dict:
     import tempfile
 
     logs = [tempfile.TemporaryFile("w+") for _ in range(k)]
-    # own process groups: an engine's EngineCore children must go down with it on any failure
-    procs = [subprocess.Popen([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-             for log in logs]
+    procs: list[subprocess.Popen] = []
 
     def failure(i: int, what: str) -> RuntimeError:
         logs[i].seek(0)
         return RuntimeError(f"engine {i + 1}/{k} sharing the GPU {what}:\n" + "\n".join(logs[i].read().splitlines()[-30:]))
 
+    deadline = time.monotonic() + timeout
+
+    def wait_ready(i: int) -> None:
+        p = procs[i]
+        while (line := p.stdout.readline()) and line.strip() != "READY":
+            if time.monotonic() > deadline:
+                raise failure(i, "did not become ready in time")
+        if not line:
+            raise failure(i, f"exited with code {p.wait()}")
+
     try:
-        for i, p in enumerate(procs):
-            p.stdin.write(json.dumps(spec | {"engine_args": args, "shard": [i, k]}) + "\n")
-            p.stdin.flush()
-        deadline = time.monotonic() + timeout
-        for _ in range(spec.get("repeats", 1)):
-            for i, p in enumerate(procs):  # every engine started and warmed up
-                while (line := p.stdout.readline()) and line.strip() != "READY":
-                    if time.monotonic() > deadline:
-                        raise failure(i, "did not become ready in time")
-                if not line:
-                    raise failure(i, f"exited with code {p.wait()}")
+        # one after another: vLLM's start-up memory profiling fails when another engine on the same
+        # GPU allocates at the same time (seen on the H200: 2 of 3 concurrent starts failed)
+        for i, log in enumerate(logs):
+            # own process group: an engine's EngineCore child must go down with it on any failure
+            procs.append(subprocess.Popen([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                          start_new_session=True))
+            procs[i].stdin.write(json.dumps(spec | {"engine_args": args, "shard": [i, k]}) + "\n")
+            procs[i].stdin.flush()
+            wait_ready(i)
+        for r in range(spec.get("repeats", 1)):
+            for i in range(k):  # every engine warmed up and waiting
+                if r > 0:
+                    wait_ready(i)
             for p in procs:
                 p.stdin.write("GO\n")
                 p.stdin.flush()
