@@ -339,9 +339,17 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(summary(report))
     print(f"(full report: {out})")
-    ok = (report["load"]["lost"] == 0 and report["bad_requests"]["answered_5xx"] == 0
-          and report["faults"]["processes_left"] == 0 and report["auth"]["ok"])
-    raise SystemExit(0 if ok else 1)
+    groups = {"load": report["load"]["lost"] == 0 and report["load"]["healthy_after"],
+              "bad requests": report["bad_requests"]["answered_4xx"] == report["bad_requests"]["tried"]
+              and report["bad_requests"]["server_up"],
+              "auth": report["auth"]["ok"],
+              "faults": report["faults"]["handled"] == report["faults"]["tried"]
+              and report["faults"]["processes_left"] == 0}
+    failed = [name for name, ok in groups.items() if not ok]
+    if failed:
+        print("failed:", ", ".join(failed))
+    print(f"reliability: {len(groups) - len(failed)} passed, {len(failed)} failed")
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":
