@@ -7,7 +7,6 @@ to every request. Results are plain rows a notebook can show as a table.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +55,3 @@ def chat(llm, questions: list[str], params=None, system: str | None = None) -> l
     conversations = [head + [{"role": "user", "content": q}] for q in questions]
     return _rows(questions, llm.chat(conversations, params or sampling(), use_tqdm=False))
 
-
-def timed(fn, *args, **kwargs):
-    """Run ``fn`` and return (result, seconds)."""
-    t = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t
