@@ -180,8 +180,8 @@ def run_engines_sharing_gpu(spec: dict, k: int, timeout: float = 1800) -> dict:
             raise failure(i, f"exited with code {p.wait()}")
 
     try:
-        # one after another: vLLM's start-up memory profiling fails when another engine on the same
-        # GPU allocates at the same time (seen on the H200: 2 of 3 concurrent starts failed)
+        # one after another: engines started at the same moment on one GPU failed during start-up
+        # (2 of 3 attempts on the H200), likely in vLLM's memory profiling; one by one always worked
         for i, log in enumerate(logs):
             # own process group: an engine's EngineCore child must go down with it on any failure
             procs.append(subprocess.Popen([sys.executable, "-m", "tinyllm_vllm.bench", "_worker"],
