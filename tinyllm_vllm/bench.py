@@ -69,7 +69,8 @@ def _run_vllm(model: str, prompts: list[list[int]], output_len: int, engine_args
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model, skip_tokenizer_init=True, seed=0, **engine_args)
+    # a fixed seed unless the caller gives one (Settings.engine_args() does)
+    llm = LLM(model, skip_tokenizer_init=True, **({"seed": 0} | engine_args))
     start = time.perf_counter() - t0
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0, detokenize=False)
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -137,13 +138,10 @@ def worker(spec: dict) -> dict:
         r = _run_transformers(spec["model"], prompts, spec["output_len"], spec["engine_args"].get("dtype", "auto"),
                               spec["hf_batch_sizes"])
     else:
-        args = dict(spec["engine_args"])
+        args = dict(spec["engine_args"], model_impl="vllm")
         if spec["engine"] == "qwen2":
             # vLLM's in-tree Qwen2 class on the very same weights: TinyLLM's layout is Qwen2's
             args["hf_overrides"] = {"architectures": ["Qwen2ForCausalLM"]}
-            args["model_impl"] = "vllm"
-        else:
-            args["model_impl"] = "vllm"
         r = _run_vllm(spec["model"], prompts, spec["output_len"], args, spec.get("repeats", 1), "shard" in spec)
     r["output_tok_s"] = r["output_tokens"] / r["elapsed_s"]
     r["total_tok_s"] = (r["output_tokens"] + spec["num_prompts"] * spec["input_len"]) / r["elapsed_s"]
@@ -438,8 +436,7 @@ def main(a, s: Settings) -> None:
     model, note = ensure_model(a.model or s.model, s.home)
     print(f"[bench] model: {note}")
     if a.what == "offline":
-        engine_args = s.engine_args() | {"model_impl": "vllm"} | a.engine_args
-        engine_args.pop("seed", None)
+        engine_args = s.engine_args() | a.engine_args
         r = offline(str(model), a.engines, a.num_prompts, a.input_len, a.output_len, engine_args,
                     a.hf_batch_sizes, a.repeats)
     else:

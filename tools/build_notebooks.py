@@ -312,10 +312,8 @@ print("model:", note)'''),
         md("## 1. A live run on this machine"),
         code('''from tinyllm_vllm import bench
 
-engine_args = settings.engine_args()
-engine_args.pop("seed")
 live = bench.offline(str(model_dir), ["plugin", "qwen2", "transformers"], NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN,
-                     engine_args, hf_batch_sizes=[4, NUM_PROMPTS])
+                     settings.engine_args(), hf_batch_sizes=[4, NUM_PROMPTS])
 print(bench.table(live))'''),
         code('''assert set(live["median_output_tok_s"]) == {"plugin", "qwen2", "transformers"}
 assert all(v > 0 for v in live["median_output_tok_s"].values())

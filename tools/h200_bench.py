@@ -48,7 +48,6 @@ def main(part: str) -> None:
     model = str(prepare_checkpoint(src, "/tmp/m92"))
     s = Settings.from_env()
     base = s.engine_args()
-    base.pop("seed")
     base["gpu_memory_utilization"] = 0.8
     if part == "offline":
         r = bench.offline(model, list(bench.ENGINES), N, IN, OUTLEN, base, hf_batch_sizes=[64, 256, 1024], repeats=3)
