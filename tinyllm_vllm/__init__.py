@@ -1,25 +1,13 @@
 """tinyllm-vllm: run TinyLLM on vLLM through a plugin.
 
-Importing the package registers ``TinyllmConfig`` with transformers' AutoConfig (as the plugin does
-in vLLM's processes), so ``AutoConfig``/``AutoTokenizer`` open prepared checkpoints with no remote
-code. torch and vLLM are imported only by the submodules that need them.
+Importing the package is cheap (the CLI's ``--help`` and vLLM's plugin loader import it): torch,
+transformers and vLLM are imported only by the submodules that need them. Modules that open a
+checkpoint register ``TinyllmConfig`` with transformers' AutoConfig first (``config.register_config``).
 """
 
-__version__ = "0.1.0"
-
-from .config import register_config
+from .errors import CheckpointError, ConfigError, ServerError, SettingsError, TinyllmError
 from .plugin import register
 
-register_config()
+__version__ = "0.2.0"
 
-
-def __getattr__(name: str):
-    # the checkpoint helpers pull in sentencepiece/tokenizers: load them on first use
-    if name in ("prepare_checkpoint", "demo_model"):
-        from . import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(name)
-
-
-__all__ = ["register", "prepare_checkpoint", "demo_model", "__version__"]
+__all__ = ["CheckpointError", "ConfigError", "ServerError", "SettingsError", "TinyllmError", "__version__", "register"]

@@ -8,15 +8,28 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 
+if TYPE_CHECKING:
+    import openai
 
-def openai_client(base_url: str, api_key: str | None = None, timeout: float = 120.0):
+
+def openai_client(base_url: str, api_key: str | None = None, timeout: float = 120.0) -> openai.OpenAI:
     """``openai.OpenAI`` bound to a vLLM server; ``max_retries=0`` so failures surface at once."""
     import openai
 
     return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+
+
+def stream_chat(client: openai.OpenAI, model: str, messages: list[dict], **params: object) -> Iterator[str]:
+    """Stream one chat reply through the ``openai`` client, yielding its text piece by piece."""
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
+    for chunk in stream:
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if piece:
+            yield piece
 
 
 def curl_line(url: str, payload: dict | None = None, api_key: str | None = None) -> str:
@@ -43,8 +56,9 @@ def http_get(base_url: str, path: str, api_key: str | None = None, show: bool = 
     return r.json()
 
 
-def http_post(base_url: str, path: str, payload: dict, api_key: str | None = None, show: bool = False,
-              timeout: float = 120) -> dict:
+def http_post(
+    base_url: str, path: str, payload: dict, api_key: str | None = None, show: bool = False, timeout: float = 120
+) -> dict:
     """POST JSON to ``base_url + path`` and return the JSON body (raises on HTTP errors)."""
     url = base_url.rstrip("/") + path
     if show:
@@ -54,12 +68,12 @@ def http_post(base_url: str, path: str, payload: dict, api_key: str | None = Non
     return r.json()
 
 
-def http_stream(base_url: str, path: str, payload: dict, api_key: str | None = None,
-                timeout: float = 120) -> Iterator[dict]:
+def http_stream(
+    base_url: str, path: str, payload: dict, api_key: str | None = None, timeout: float = 120
+) -> Iterator[dict]:
     """POST with ``"stream": true`` and yield each server-sent event's JSON until ``data: [DONE]``."""
     url = base_url.rstrip("/") + path
-    with httpx.stream("POST", url, json=payload | {"stream": True}, headers=_headers(api_key),
-                      timeout=timeout) as r:
+    with httpx.stream("POST", url, json=payload | {"stream": True}, headers=_headers(api_key), timeout=timeout) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: "):

@@ -9,12 +9,10 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .errors import ConfigError
+
 # TinyLLM's MLP is SwiGLU; the vLLM model fuses gate/up with SiluAndMul, so nothing else can load.
 SUPPORTED_HIDDEN_ACT = "silu"
-
-
-class TinyllmConfigError(ValueError):
-    """A TinyLLM config.json field holds a value this kit cannot run."""
 
 
 @strict
@@ -49,24 +47,33 @@ class TinyllmConfig(PreTrainedConfig):
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`TinyllmConfigError` naming the first field TinyLLM cannot run."""
+        """Raise :class:`~tinyllm_vllm.errors.ConfigError` naming the first field TinyLLM cannot run."""
         if self.hidden_act != SUPPORTED_HIDDEN_ACT:
-            raise TinyllmConfigError(
+            raise ConfigError(
                 f"config.json field 'hidden_act' is {self.hidden_act!r}; TinyLLM only supports "
-                f"{SUPPORTED_HIDDEN_ACT!r} (SwiGLU MLP)")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
+                f"{SUPPORTED_HIDDEN_ACT!r} (SwiGLU MLP)"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
-                raise TinyllmConfigError(f"config.json field {name!r} must be a positive integer, "
-                                         f"got {getattr(self, name)!r}")
+                raise ConfigError(f"config.json field {name!r} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise TinyllmConfigError(
+            raise ConfigError(
                 f"config.json field 'hidden_size' ({self.hidden_size}) is not a multiple of "
-                f"'num_attention_heads' ({self.num_attention_heads})")
+                f"'num_attention_heads' ({self.num_attention_heads})"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise TinyllmConfigError(
+            raise ConfigError(
                 f"config.json field 'num_attention_heads' ({self.num_attention_heads}) is not a multiple "
-                f"of 'num_key_value_heads' ({self.num_key_value_heads})")
+                f"of 'num_key_value_heads' ({self.num_key_value_heads})"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -99,3 +106,7 @@ def expected_tensor_names(config: TinyllmConfig) -> list[str]:
 def register_config() -> None:
     """Let ``AutoConfig`` (and so vLLM) read ``model_type: tinyllm`` with no remote code."""
     AutoConfig.register("tinyllm", TinyllmConfig, exist_ok=True)
+
+
+# whoever imports the config class means to open TinyLLM checkpoints with transformers
+register_config()

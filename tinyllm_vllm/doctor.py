@@ -1,16 +1,26 @@
-"""Environment checks with OK/FAIL lines: versions, device, vLLM build, plugin, prepared model."""
+"""Environment checks with OK/FAIL lines: versions, device, vLLM build, plugin, prepared model.
+
+Nothing here starts an engine or initialises CUDA. Every check judges what it is about on the
+machine at hand, so the same checks are right on the CUDA stack and on the CPU stack.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 DIST = "tinyllm-vllm"
+# vLLM's CUDA wheels require these; PyPI's builds of them are CUDA builds, which fail to import next to
+# a CPU torch (``operator torchvision::nms does not exist``) and take ``import transformers`` down too
+TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
 
 
 @dataclass
@@ -54,9 +64,62 @@ def check_vllm_version() -> Check:
     return Check(ok, "vLLM", detail if ok else detail + ": outside the range this kit is tested with")
 
 
+IMPORT_EACH = """
+import importlib, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        print(name, "|", type(e).__name__ + ": " + (str(e).splitlines() or [""])[0])
+"""
+
+
+def check_torch_companions() -> list[Check]:
+    """torchvision & co. must import next to the installed torch (a fresh process tries each)."""
+    installed = {}
+    for name in TORCH_COMPANIONS:
+        try:
+            installed[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    if not installed:
+        return []
+    torch_version = md.version("torch")
+    r = subprocess.run([sys.executable, "-c", IMPORT_EACH, *installed], capture_output=True, text=True, timeout=300)
+    failed = dict(line.split(" | ", 1) for line in r.stdout.splitlines() if " | " in line)
+    checks = []
+    for name, version in installed.items():
+        if name in failed:
+            checks.append(
+                Check(
+                    False,
+                    name,
+                    f"{version} does not import next to torch {torch_version} "
+                    f"({failed[name]}), which also breaks `import transformers`: "
+                    f"pip uninstall {name}, or install the build matching torch",
+                )
+            )
+        else:
+            checks.append(Check(True, name, f"{version} (imports next to torch {torch_version})"))
+    return checks
+
+
+def check_model_dir(model_dir: str) -> Check:
+    from .checkpoint import MANIFEST, is_prepared
+
+    path = Path(model_dir).expanduser()
+    if not path.exists():
+        return Check(False, "prepared model", f"{path}: no such directory")
+    if not is_prepared(path):
+        return Check(False, "prepared model", f"{path} has no {MANIFEST}: run `tinyllm-vllm prepare SRC {path}`")
+    return Check(True, "prepared model", str(path))
+
+
 def checks(model_dir: str | None = None) -> list[Check]:
-    """Run every check; nothing here starts an engine or initialises CUDA."""
+    """Run every check."""
     import platform
+
+    from .settings import detect_device
 
     out = [Check(True, "python", platform.python_version())]
     for pkg in ("torch", "transformers", "tokenizers", "openai", DIST):
@@ -65,33 +128,30 @@ def checks(model_dir: str | None = None) -> list[Check]:
         except md.PackageNotFoundError:
             out.append(Check(False, pkg, "not installed"))
     out.append(check_vllm_version())
-    for bad in ("torchvision", "torchaudio", "torchcodec"):
-        try:
-            v = md.version(bad)
-            out.append(Check(False, bad, f"{v} installed: PyPI's CUDA builds break `import transformers` next "
-                                         f"to CPU torch; pip uninstall {bad}"))
-        except md.PackageNotFoundError:
-            pass
-    from .settings import detect_device
-
+    out += check_torch_companions()
     device = detect_device()
     detail = device
     if device == "cuda" and shutil.which("nvidia-smi"):
-        import subprocess
-
-        detail += ": " + subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip().replace("\n", "; ")
+        detail += ": " + subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip().replace("\n", "; ")
     out.append(Check(True, "device", detail))
     if device == "cpu":
-        out.append(Check(shutil.which("g++") is not None, "g++",
-                         shutil.which("g++") or "missing: torch.compile on CPU needs a C++ compiler"))
+        out.append(
+            Check(
+                shutil.which("g++") is not None,
+                "g++",
+                shutil.which("g++") or "missing: torch.compile on CPU needs a C++ compiler",
+            )
+        )
     eps = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.name == "tinyllm"]
-    out.append(Check(bool(eps), "vLLM plugin entry point",
-                     eps[0].value if eps else "not found: install the package (pip install -e .)"))
+    out.append(
+        Check(
+            bool(eps),
+            "vLLM plugin entry point",
+            eps[0].value if eps else "not found: install the package (pip install -e .)",
+        )
+    )
     if model_dir:
-        from .checkpoint import MANIFEST, is_prepared
-
-        out.append(Check(is_prepared(model_dir), "prepared model",
-                         f"{model_dir}" if is_prepared(model_dir) else f"{model_dir} has no {MANIFEST}: "
-                         f"run tinyllm-vllm prepare"))
+        out.append(check_model_dir(model_dir))
     return out

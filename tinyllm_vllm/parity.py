@@ -19,10 +19,10 @@ from pathlib import Path
 @dataclass
 class PromptParity:
     prompt: str
-    tokens_equal: int          # leading greedy tokens equal to the golden
+    tokens_equal: int  # leading greedy tokens equal to the golden
     tokens_total: int
     first_step_max_logprob_delta: float  # over the golden's top-5 ids
-    close: bool                # vLLM's check_logprobs_close rule: on a mismatch each token is in the other's top-5
+    close: bool  # vLLM's check_logprobs_close rule: on a mismatch each token is in the other's top-5
 
 
 def load_goldens(path: str | Path) -> list[dict]:
@@ -33,7 +33,7 @@ def compare(golden: dict, tokens: list[int], logprobs: list[dict[int, float]]) -
     """Compare one prompt's generated tokens and per-step {id: logprob} maps with its golden."""
     steps = golden["greedy"]
     equal = 0
-    for step, tok in zip(steps, tokens):
+    for step, tok in zip(steps, tokens, strict=False):
         if tok != step["token"]:
             break
         equal += 1
@@ -45,12 +45,14 @@ def compare(golden: dict, tokens: list[int], logprobs: list[dict[int, float]]) -
             step, mine = steps[equal], logprobs[equal]
             close = tokens[equal] in step["top5_ids"] and step["token"] in mine
     first = logprobs[0] if logprobs else {}
-    deltas = [abs(first[i] - lp) for i, lp in zip(steps[0]["top5_ids"], steps[0]["top5_logprobs"]) if i in first]
+    deltas = [
+        abs(first[i] - lp) for i, lp in zip(steps[0]["top5_ids"], steps[0]["top5_logprobs"], strict=True) if i in first
+    ]
     missing = len(deltas) < len(steps[0]["top5_ids"])
     return PromptParity(golden["prompt"], equal, len(steps), float("inf") if missing else max(deltas), close)
 
 
-def vllm_parity(model: str, goldens: list[dict], dtype: str = "float32", **llm_kwargs) -> dict:
+def vllm_parity(model: str, goldens: list[dict], engine_options: dict) -> dict:
     """Run the goldens' prompts greedily through vLLM (the plugin) and compare. Returns a summary dict."""
     import vllm
     from vllm import LLM, SamplingParams
@@ -58,17 +60,23 @@ def vllm_parity(model: str, goldens: list[dict], dtype: str = "float32", **llm_k
 
     n = len(goldens[0]["greedy"])
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, skip_tokenizer_init=True, model_impl="vllm", seed=0, **llm_kwargs)
+    llm = LLM(model, skip_tokenizer_init=True, **engine_options)
     start_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0, max_tokens=n, logprobs=5, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=g["prompt_ids"]) for g in goldens], params)
     results = []
-    for g, o in zip(goldens, outs):
+    for g, o in zip(goldens, outs, strict=True):
         c = o.outputs[0]
         lps = [{tid: lp.logprob for tid, lp in step.items()} for step in c.logprobs]
         results.append(compare(g, list(c.token_ids), lps))
     del llm
-    return summarize(results, engine="vllm", vllm_version=vllm.__version__, dtype=dtype, engine_start_s=start_s)
+    return summarize(
+        results,
+        engine="vllm",
+        vllm_version=vllm.__version__,
+        engine_start_s=start_s,
+        **{k: engine_options.get(k) for k in ("dtype", "tensor_parallel_size")},
+    )
 
 
 def hf_parity(model: str, goldens: list[dict], dtype: str = "float32", device: str = "cpu") -> dict:
@@ -82,25 +90,36 @@ def hf_parity(model: str, goldens: list[dict], dtype: str = "float32", device: s
     results = []
     for g in goldens:
         ids = torch.tensor([g["prompt_ids"]], device=device)
-        out = m.generate(ids, max_new_tokens=len(g["greedy"]), do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-        toks = out.sequences[0, ids.shape[1]:].tolist()
+        out = m.generate(
+            ids,
+            max_new_tokens=len(g["greedy"]),
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        toks = out.sequences[0, ids.shape[1] :].tolist()
         lps = []
         for s in out.scores:
             lp = torch.log_softmax(s[0].float(), -1)
             top = lp.topk(5)
-            lps.append(dict(zip(top.indices.tolist(), top.values.tolist())) | {
-                i: lp[i].item() for i in g["greedy"][0]["top5_ids"]})
+            lps.append(
+                dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                | {i: lp[i].item() for i in g["greedy"][0]["top5_ids"]}
+            )
         results.append(compare(g, toks, lps))
     return summarize(results, engine="transformers", transformers_version=transformers.__version__, dtype=dtype)
 
 
 def summarize(results: list[PromptParity], **meta) -> dict:
-    return {**meta,
-            "all_tokens_equal": all(r.tokens_equal == r.tokens_total for r in results),
-            "all_close": all(r.close for r in results),
-            "max_first_step_logprob_delta": max(r.first_step_max_logprob_delta for r in results),
-            "prompts": [asdict(r) for r in results]}
+    return {
+        **meta,
+        "all_tokens_equal": all(r.tokens_equal == r.tokens_total for r in results),
+        "all_close": all(r.close for r in results),
+        "max_first_step_logprob_delta": max(r.first_step_max_logprob_delta for r in results),
+        "prompts": [asdict(r) for r in results],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,17 +129,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", nargs="+", default=["float32"])
     ap.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--json", help="write the summaries here")
     args = ap.parse_args(argv)
     goldens = load_goldens(args.goldens or Path(args.model) / "golden_greedy.jsonl")
     summaries = []
     for dtype in args.dtype:
         if args.engine == "vllm":
-            from .settings import detect_device
+            from .settings import Settings
 
-            # on CPU the KV cache must be sized explicitly (vLLM otherwise wants 92% of RAM free)
-            extra = {"kv_cache_memory_bytes": 1 << 29} if detect_device() == "cpu" else {}
-            s = vllm_parity(args.model, goldens, dtype, enforce_eager=args.enforce_eager, max_model_len=256, **extra)
+            settings = Settings.from_env(
+                dtype=dtype, max_model_len=256, kv_cache_gb=0.5, enforce_eager=args.enforce_eager or None
+            )
+            options = settings.engine_options()
+            if args.tensor_parallel_size > 1:
+                options["tensor_parallel_size"] = args.tensor_parallel_size
+            s = vllm_parity(args.model, goldens, options)
         else:
             s = hf_parity(args.model, goldens, dtype)
         summaries.append(s)

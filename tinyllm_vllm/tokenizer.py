@@ -15,15 +15,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 # ids 64789.. follow the 64789 SentencePiece pieces, in this order (ChatGLM3 layout).
 CHATGLM_EXTRA_TOKENS = [
-    "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "sop",
+    "eop",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
 ]
 MATCHED_IN_TEXT = ["[gMASK]", "sop", "<|user|>", "<|assistant|>"]
 EOS_ID, PAD_ID = 2, 0
 DEFAULT_SYSTEM = "你是由wdndev开发的个人助手。"
+# what the chat template appends for the model's turn; the reply follows it
+GENERATION_PROMPT = "<|assistant|>\n"
 # what ends a reply besides eos: the role tokens the model emits when it starts a new turn
 STOP_TOKENS = ["<|user|>", "<|assistant|>", "<|observation|>"]
 
@@ -36,6 +49,7 @@ def extra_token_id(token: str, num_pieces: int) -> int:
 def stop_token_ids(num_pieces: int) -> list[int]:
     """eos plus the role tokens; [2, 64795, 64796, 64797] for the real TinyLLM vocabulary."""
     return [EOS_ID] + [extra_token_id(t, num_pieces) for t in STOP_TOKENS]
+
 
 # The training format (tiny-llm-zh train/tinyllm_dataset.py), byte for byte, for one user turn:
 #   [gMASK]sop<|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n
@@ -65,7 +79,7 @@ def training_prompt(user: str, system: str = DEFAULT_SYSTEM) -> str:
     return f"<|system|>\n{system}\n<|user|>\n{user}\n<|assistant|>\n"
 
 
-def build_backend(spm_model: str | Path):
+def build_backend(spm_model: str | Path) -> Tokenizer:
     """Build the ``tokenizers.Tokenizer`` equivalent to the original slow ChatGLM3 tokenizer."""
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
@@ -77,33 +91,51 @@ def build_backend(spm_model: str | Path):
     vocab = {p: i for i, p in enumerate(pieces)}
     # SentencePiece BPE merges the adjacent pair whose result has the highest score; a merge list
     # ranked by that score makes HF's BPE pick the same pairs. Control/unk/byte pieces never merge.
-    mergeable = {p: sp.get_score(i) for i, p in enumerate(pieces)
-                 if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    mergeable = {
+        p: sp.get_score(i) for i, p in enumerate(pieces) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+    }
     merges = []
     for piece, score in mergeable.items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
-                 if piece[:k] in mergeable and piece[k:] in mergeable]
+        local = [
+            (piece[:k], piece[k:], score)
+            for k in range(1, len(piece))
+            if piece[:k] in mergeable and piece[k:] in mergeable
+        ]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges.sort(key=lambda m: (-m[2], len(m[0]), len(m[1])))
     for j, tok in enumerate(CHATGLM_EXTRA_TOKENS):
         vocab[tok] = n + j
 
-    tok = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=pieces[sp.unk_id()],
-                        fuse_unk=True, byte_fallback=True))
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=[(a, b) for a, b, _ in merges],
+            unk_token=pieces[sp.unk_id()],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
     # Added tokens are cut out of the raw text first; the normalizer then runs on each remaining
     # segment, which gives the per-segment dummy prefix of the original.
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # Decoding: the segment after a matched token starts with its own dummy prefix, which is not
     # part of the text ("Ae|sop|▁'s" is "Aesop's"), so drop one "▁" after each matched token.
+    # A reply is a segment of its own too: its first token carries a dummy prefix ("▁北京"), which the
+    # original drops by decoding the reply alone. vLLM decodes the reply after the prompt, whose
+    # generation prompt ends "<|assistant|>\n", so drop the one "▁" that follows it as well.
     tok.decoder = decoders.Sequence(
         [decoders.ByteFallback(), decoders.Fuse()]
         + [decoders.Replace(t + "▁", t) for t in MATCHED_IN_TEXT]
-        + [decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+        + [decoders.Replace(GENERATION_PROMPT + "▁", GENERATION_PROMPT)]
+        + [decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in MATCHED_IN_TEXT])
     gmask, sop = vocab["[gMASK]"], vocab["sop"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[gMASK] sop $A", pair="[gMASK] sop $A $B </s>",
-        special_tokens=[("[gMASK]", gmask), ("sop", sop), ("</s>", EOS_ID)])
+        single="[gMASK] sop $A",
+        pair="[gMASK] sop $A $B </s>",
+        special_tokens=[("[gMASK]", gmask), ("sop", sop), ("</s>", EOS_ID)],
+    )
     return tok
 
 
@@ -111,12 +143,21 @@ def tokenizer_config(model_max_length: int, num_pieces: int) -> dict:
     """tokenizer_config.json for the fast tokenizer (loaded by AutoTokenizer, no remote code)."""
     added = {}
     for t in MATCHED_IN_TEXT:
-        added[str(extra_token_id(t, num_pieces))] = {"content": t, "lstrip": False, "normalized": False,
-                                                     "rstrip": False, "single_word": False, "special": False}
+        added[str(extra_token_id(t, num_pieces))] = {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": False,
+        }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
-        "unk_token": "<unk>", "pad_token": "<unk>", "eos_token": "</s>", "bos_token": None,
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "eos_token": "</s>",
+        "bos_token": None,
         # The original matches none of </s>, <unk> in raw text: treat special tokens as text. The four
         # matched tokens are not "special" (the original has no special tokens either), so they
         # still match, and decoding keeps ``sop`` inside words ("philo|sop|hy").

@@ -1,20 +1,19 @@
 """``make demo``: the whole walkthrough headless, printing what a learner would want to see.
 
-prepare (the real model when it can be downloaded, else the embedded demo model, said plainly) ->
+prepare (the published model when a hub can be reached, else the demo model, said plainly) ->
 offline generation with vllm.LLM -> vLLM's OpenAI server as a subprocess -> /v1/models,
 /v1/completions, /v1/chat/completions -> stop.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 
 from . import offline
-from .checkpoint import ensure_model
 from .client import http_get, http_post
 from .server import VLLMServer
 from .settings import Settings
+from .sources import ensure_model
 
 QUESTIONS = ["介绍一下中国。", "世界上最大的动物是什么？"]
 
@@ -32,25 +31,38 @@ def main() -> None:
     rule("2. offline generation (vllm.LLM, the plugin's TinyllmForCausalLM)")
     llm = offline.load_llm(model, s)
     for r in offline.chat(llm, QUESTIONS, offline.sampling(s.max_tokens)):
-        print(f"Q: {r.prompt}\nA: {r.text!r}\n   [{r.prompt_tokens} prompt + {r.output_tokens} tokens, {r.finish_reason}]")
-    del llm
-    gc.collect()  # shuts the in-process engine down before the server takes the memory
+        print(
+            f"Q: {r.prompt}\nA: {r.text}\n   [{r.prompt_tokens} prompt + {r.output_tokens} tokens, {r.finish_reason}]"
+        )
+    offline.close(llm)  # frees the engine before the server takes the memory
 
     rule("3. vLLM's OpenAI-compatible server (subprocess)")
     with VLLMServer(model, settings=s) as server:
-        print(f"ready at {server.base_url}\nlog: {server.log_file}")
         rule("GET /v1/models")
         print(json.dumps([m["id"] for m in http_get(server.base_url, "/models", show=True)["data"]]))
         rule("POST /v1/completions")
-        body = http_post(server.base_url, "/completions", {"model": server.served_model_name, "prompt": "你好",
-                         "max_tokens": 32, "temperature": 0}, show=True)
-        print(f"-> {body['choices'][0]['text']!r} ({body['choices'][0]['finish_reason']})")
+        body = http_post(
+            server.base_url,
+            "/completions",
+            {"model": server.served_model_name, "prompt": "你好", "max_tokens": 32, "temperature": 0},
+            show=True,
+        )
+        print(f"-> {body['choices'][0]['text']} ({body['choices'][0]['finish_reason']})")
         rule("POST /v1/chat/completions")
-        body = http_post(server.base_url, "/chat/completions", {"model": server.served_model_name, "messages": [
-            {"role": "user", "content": QUESTIONS[0]}], "max_tokens": s.max_tokens, "temperature": 0}, show=True)
-        print(f"-> {body['choices'][0]['message']['content']!r} ({body['choices'][0]['finish_reason']})")
+        body = http_post(
+            server.base_url,
+            "/chat/completions",
+            {
+                "model": server.served_model_name,
+                "messages": [{"role": "user", "content": QUESTIONS[0]}],
+                "max_tokens": s.max_tokens,
+                "temperature": 0,
+            },
+            show=True,
+        )
+        print(f"-> {body['choices'][0]['message']['content']} ({body['choices'][0]['finish_reason']})")
     rule("done")
-    print(f"server stopped (exit code {server.proc.returncode}); its log is {server.log_file}")
+    print(f"server stopped; its log is {server.log_file}")
 
 
 if __name__ == "__main__":

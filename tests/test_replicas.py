@@ -1,0 +1,64 @@
+"""Two replicas of the demo model behind vllm-router: one endpoint, faults through the router, clean stop."""
+
+import pytest
+
+from tinyllm_vllm import reliability
+from tinyllm_vllm.client import delta_text, http_stream
+from tinyllm_vllm.demo import corpus_answers
+from tinyllm_vllm.deploy import Replicas
+from tinyllm_vllm.procs import group_members
+
+pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
+
+
+@pytest.fixture(scope="module")
+def fleet(demo_dir, cpu_settings):
+    replicas = Replicas(demo_dir, 2, settings=cpu_settings, echo=None)
+    with replicas:
+        yield replicas
+    groups = [replicas.router.proc.pid] + [s.proc.pid for s in replicas.servers]
+    assert not [pid for g in groups for pid in group_members(g)], "processes left after stop()"
+
+
+def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
+    client = fleet.openai_client()
+    assert [m.id for m in client.models.list().data] == ["tinyllm_92m"]
+    answer = corpus_answers()["介绍一下中国。"]
+    for _ in range(4):  # round robin: both replicas answer
+        chat = client.chat.completions.create(
+            model="tinyllm_92m", messages=[{"role": "user", "content": "介绍一下中国。"}], max_tokens=64, temperature=0
+        )
+        assert chat.choices[0].message.content == answer
+    completion = client.completions.create(model="tinyllm_92m", prompt="你好", max_tokens=8, temperature=0)
+    assert completion.choices[0].text
+    streamed = "".join(
+        delta_text(e)
+        for e in http_stream(
+            fleet.base_url,
+            "/chat/completions",
+            {
+                "model": "tinyllm_92m",
+                "messages": [{"role": "user", "content": "介绍一下中国。"}],
+                "max_tokens": 64,
+                "temperature": 0,
+            },
+        )
+    )
+    assert streamed == answer
+    served = [reliability.metric(s, "vllm:request_success_total") for s in fleet.servers]
+    assert all(n > 0 for n in served), served
+
+
+def test_clients_that_hang_up_are_aborted(fleet):
+    r = reliability.clients_hang_up(fleet)
+    assert r["hung_up"] == 24, r
+    # each stream was cut after 3 chunks of 400 asked: the engines stopped generating for them long before
+    assert r["running_after"] == 0 and r["tokens_generated"] < r["tokens_asked"] / 2, r
+    assert r["healthy_after"]
+
+
+def test_a_replica_killed_under_load_leaves_the_endpoint_answering(fleet):
+    r = reliability.replica_killed_under_load(fleet)
+    assert r["answered_after"] == 10, r  # the router stops sending to the dead replica
+    assert r["killed_replica_gone"]
+    assert r["completed"] + r["failed"] == r["sent"]  # every request accounted for: completed or reported failed

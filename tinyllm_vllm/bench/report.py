@@ -1,0 +1,144 @@
+"""Tables and plots of benchmark results. Each engine keeps one colour and one label on every panel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "plugin": "TinyLLM plugin (vLLM)",
+    "qwen2": "vLLM Qwen2 class",
+    "transformers_static": "transformers, static batches",
+    "transformers_cb": "transformers, continuous batching",
+    "vllm_bench_throughput": "vllm bench throughput (plugin)",
+}
+COLORS = {
+    "plugin": "#4c72b0",
+    "qwen2": "#8c8c8c",
+    "transformers_static": "#dd8452",
+    "transformers_cb": "#c44e52",
+    "vllm_bench_throughput": "#55a868",
+}
+SETTING_NAMES = {
+    "dtype": "dtype",
+    "max_model_len": "context",
+    "enforce_eager": "eager",
+    "gpu_memory_utilization": "GPU memory",
+    "kv_cache_memory_bytes": "KV cache",
+    "max_num_seqs": "max seqs",
+    "max_num_batched_tokens": "batched tokens",
+    "async_scheduling": "async scheduling",
+}
+
+
+def settings_text(engine_args: dict[str, Any]) -> str:
+    """Engine options as a short phrase: ``dtype bfloat16, GPU memory 0.8`` (not JSON)."""
+    parts = []
+    for key, value in engine_args.items():
+        if key in ("model_impl", "seed"):
+            continue
+        if key == "kv_cache_memory_bytes":
+            value = f"{value / (1 << 30):g} GiB"
+        parts.append(f"{SETTING_NAMES.get(key, key.replace('_', ' '))} {value}")
+    return ", ".join(parts) or "vLLM defaults"
+
+
+def offline_table(result: dict) -> str:
+    """Markdown: useful output tok/s and requests/s per engine, and the plugin's ratio to each."""
+    rows = [
+        f"workload: {result['workload']['description']}",
+        f"engine settings: {settings_text(result['engine_args'])}",
+        "",
+        "| engine | useful output tok/s | requests/s | plugin is |",
+        "|---|---:|---:|---:|",
+    ]
+    useful = result["useful_tok_s"]
+    for engine, r in result["engines"].items():
+        label = LABELS.get(engine, engine)
+        if engine == "transformers_static" and "batch_size" in r:
+            label += f" (best batch {r['batch_size']})"
+        if "error" in r:
+            rows.append(f"| {label} | did not run: {r['error'].splitlines()[-1][:100]} | | |")
+            continue
+        ratio = useful["plugin"] / r["useful_tok_s"] if "plugin" in useful else float("nan")
+        rows.append(f"| {label} | {r['useful_tok_s']:,.0f} | {r['requests_s']:,.1f} | {ratio:.2f}x |")
+    return "\n".join(rows)
+
+
+def serving_table(levels: list[dict]) -> str:
+    rows = [
+        "| concurrency | clients | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lv in levels:
+        rows.append(
+            f"| {lv['concurrency']} | {lv['clients']} | {lv['output_tok_s']:,.0f} | {lv['requests_s']:,.1f} | "
+            f"{lv['ttft_ms_p50']:.1f} / {lv['ttft_ms_p99']:.1f} | {lv['tpot_ms_p50']:.2f} / "
+            f"{lv['tpot_ms_p99']:.2f} | {lv['failed']} |"
+        )
+    return "\n".join(rows)
+
+
+def _bars(ax: Any, result: dict, title: str) -> None:
+    engines = [e for e in result["useful_tok_s"]]
+    values = [result["useful_tok_s"][e] for e in engines]
+    ax.bar(
+        [LABELS.get(e, e).replace(", ", ",\n").replace(" (", "\n(") for e in engines],
+        values,
+        color=[COLORS.get(e, "#999999") for e in engines],
+    )
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("useful output tokens / s")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def plot_offline(results: list[dict], png: str | Path, title: str | None = None) -> Path:
+    """One panel per results dict (the chat-like workload first), bars coloured by engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(results, key=lambda r: r["workload"]["name"] != "chat-like")
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        name = (
+            "chat-like workload"
+            if r["workload"]["name"] == "chat-like"
+            else "fixed workload (best case for static batching)"
+        )
+        _bars(ax, r, f"{name}\n{r['workload']['requests']} requests")
+    machine = results[0]["machine"]
+    fig.suptitle(title or machine.get("gpu") or f"CPU ({machine['cpu_count']} cores)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
+def plot_scaling(scaling: dict, png: str | Path) -> Path:
+    """Output tok/s against concurrency for one server and for N replicas behind the router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, levels in scaling["runs"].items():
+        ax.plot([lv["concurrency"] for lv in levels], [lv["output_tok_s"] for lv in levels], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in flight (vllm bench serve --max-concurrency)")
+    ax.set_ylabel("output tokens / s")
+    ax.legend(fontsize=8)
+    ax.set_title(f"serving through one endpoint: {scaling['machine'].get('gpu', 'CPU')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
+def load(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,126 @@
+"""Serving throughput through one endpoint: one server, then N replicas behind ``vllm-router``.
+
+All replicas are started once, each with 1/N_max of the memory budget (for a 92M model the KV cache
+is far from the limit either way), and the router is started in front of the first 1, 2, ... of
+them in turn, so every number comes from the same servers in the same run. ``vllm bench serve``
+measures each level; where one client process cannot keep up, several run side by side.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import logs
+from ..deploy import Replicas, Router
+from ..settings import Settings
+from . import vllm_tools
+from .compare import machine
+
+
+def clients_for(concurrency: int, per_client: int = 128, most: int = 4) -> int:
+    """Client processes for a concurrency level: one asyncio client drives about ``per_client`` streams."""
+    return max(1, min(most, math.ceil(concurrency / per_client)))
+
+
+def levels(
+    url: str,
+    name: str,
+    model: str | Path,
+    workload: Path,
+    concurrencies: Sequence[int],
+    progress: Callable[[str], Any],
+    label: str,
+) -> list[dict]:
+    out = []
+    for c in concurrencies:
+        r = vllm_tools.serve(url, name, model, workload, c, clients=clients_for(c))
+        if "error" in r:
+            progress(f"[scaling] {label}, concurrency {c}: {r['error'].splitlines()[0]}")
+            out.append({"concurrency": c, "error": r["error"]})
+            continue
+        progress(
+            f"[scaling] {label}, concurrency {c}: {r['output_tok_s']:,.0f} output tok/s, TTFT p50 "
+            f"{r['ttft_ms_p50']:.0f} ms, {r['failed']} failed ({r['clients']} client processes)"
+        )
+        out.append(r)
+    return out
+
+
+def replicas_scaling(
+    model: str | Path,
+    settings: Settings,
+    workload: Path,
+    counts: Sequence[int],
+    concurrencies: Sequence[int],
+    vllm_args: Sequence[str] = (),
+    progress: Callable[[str], Any] = print,
+) -> dict:
+    """One server directly, then the router over 1..N of the same replicas, at each concurrency."""
+    runs: dict[str, list[dict]] = {}
+    with Replicas(model, max(counts), vllm_args, settings=settings, echo=progress) as fleet:
+        name = fleet.served_model_name
+        runs["1 server (no router)"] = levels(
+            fleet.servers[0].url, name, model, workload, concurrencies, progress, "1 server"
+        )
+        fleet.router.stop()
+        for n in counts:
+            with _router(fleet, n, settings) as router:
+                runs[f"{n} replica{'s' if n > 1 else ''} + router"] = levels(
+                    router.url, name, model, workload, concurrencies, progress, f"{n} replicas"
+                )
+    return {
+        "kind": "scaling",
+        "machine": machine(),
+        "settings": settings.engine_options(),
+        "vllm_args": list(vllm_args),
+        "replica_memory_share": 1 / max(counts),
+        "runs": runs,
+    }
+
+
+class _router:
+    """The router over the first ``n`` replicas of a running fleet, for one block."""
+
+    def __init__(self, fleet: Replicas, n: int, settings: Settings) -> None:
+        self.router = Router(
+            [s.url for s in fleet.servers[:n]], log_file=logs.new_log_file(settings.logs, "vllm-router"), echo=None
+        )
+
+    def __enter__(self) -> Router:
+        return self.router.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.router.stop()
+
+
+def summary(scaling: dict) -> dict:
+    """``single_server_tok_s`` and, per replica count, tok/s and TTFT at the highest concurrency."""
+
+    def best(levels: list[dict]) -> float:
+        return max((lv["output_tok_s"] for lv in levels if "output_tok_s" in lv), default=0.0)
+
+    single = best(scaling["runs"]["1 server (no router)"])
+    replicas = {}
+    for name, lv in scaling["runs"].items():
+        if "router" not in name:
+            continue
+        top = [x for x in lv if "output_tok_s" in x][-1]
+        replicas[name.split()[0]] = {
+            "output_tok_s": best(lv),
+            "at_highest_concurrency": {
+                "concurrency": top["concurrency"],
+                "output_tok_s": top["output_tok_s"],
+                "ttft_ms_p50": top["ttft_ms_p50"],
+                "ttft_ms_p99": top["ttft_ms_p99"],
+            },
+        }
+    best_n = max(replicas, key=lambda n: replicas[n]["output_tok_s"]) if replicas else None
+    return {
+        "single_server_tok_s": single,
+        "replicas": replicas,
+        "best_replicas": best_n,
+        "best_over_single": replicas[best_n]["output_tok_s"] / single if best_n and single else None,
+    }

@@ -1,0 +1,204 @@
+"""Several vLLM servers of one model behind one OpenAI endpoint, with vLLM's router (``vllm-router``).
+
+A 92M model leaves a GPU mostly idle: one engine is bound by its own host work (scheduling and
+output processing in Python), so N engines side by side, each a full server with 1/N of the GPU's
+memory, serve more. ``Replicas`` starts them one after another (engines that start together on one
+GPU can fail in vLLM's memory profiling), then ``vllm-router`` in front, and stops them together::
+
+    with Replicas(model_dir, 4) as endpoint:         # or tinyllm-vllm serve --replicas 4
+        client = endpoint.openai_client()
+
+Every server and the router run under the kit's watchdog (``procs``), so all of them stop on
+``stop()``, at interpreter exit and when the process that started them dies.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import logs
+from .errors import ServerError
+from .server import ManagedProcess, VLLMServer, free_port, port_is_free
+from .settings import Settings
+
+if TYPE_CHECKING:
+    import openai
+
+POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
+
+
+class Router(ManagedProcess):
+    """``vllm-router`` in front of running vLLM servers, as a managed subprocess."""
+
+    kind = "vllm-router"
+
+    def __init__(
+        self,
+        worker_urls: Sequence[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        policy: str = "round_robin",
+        log_file: Path,
+        router_args: Sequence[str] = (),
+        startup_timeout: float = 120.0,
+        echo: Callable[[str], Any] | None = print,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ServerError(f"router policy {policy!r}: expected one of {', '.join(POLICIES)}")
+        super().__init__(log_file, startup_timeout, echo)
+        self.worker_urls, self.host, self.port, self.policy = list(worker_urls), host, port, policy
+        self.router_args = list(router_args)
+
+    def command(self) -> list[str]:
+        if self.port is None:
+            self.port = free_port(self.host)
+        return [
+            sys.executable,
+            "-m",
+            "vllm_router.launch_router",
+            "--worker-urls",
+            *self.worker_urls,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--policy",
+            self.policy,
+            # notice a dead replica within seconds, not the default minute
+            "--health-check-interval-secs",
+            "2",
+            "--health-failure-threshold",
+            "2",
+            *self.router_args,
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def health_url(self) -> str:
+        return self.url + "/health"
+
+    def start(self) -> Router:
+        cmd = self.command()
+        if not port_is_free(self.host, self.port):
+            raise ServerError(f"{self.kind} failed: port {self.port} on {self.host} is already in use")
+        self._launch(cmd, dict(os.environ))
+        self.wait_ready()
+        return self
+
+
+class Replicas:
+    """N vLLM servers of one model sharing the machine's GPU, behind ``vllm-router``: one endpoint."""
+
+    kind = "replicas"
+
+    def __init__(
+        self,
+        model: str | Path,
+        n: int,
+        vllm_args: Sequence[str] = (),
+        *,
+        settings: Settings | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        api_key: str | None = None,
+        policy: str = "round_robin",
+        router_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        echo: Callable[[str], Any] | None = print,
+    ) -> None:
+        if n < 1:
+            raise ServerError(f"--replicas {n}: need at least one")
+        if api_key:
+            raise ServerError(
+                "--api-key with --replicas: vllm-router does not pass a key on to the servers; "
+                "serve the replicas on 127.0.0.1 and put authentication in front of the router"
+            )
+        settings = settings or Settings.from_env()
+        # each replica gets 1/n of the memory budget one server would have
+        share = settings.replace(gpu_util=settings.gpu_util / n, kv_cache_gb=settings.kv_cache_gb / n)
+        self.settings, self.echo = settings, echo
+        # the servers say nothing themselves: one line a replica is enough for N of them
+        self.servers = [VLLMServer(model, vllm_args, settings=share, env=env, echo=None) for _ in range(n)]
+        self.router = Router(
+            [],
+            host=host,
+            port=port,
+            policy=policy,
+            router_args=router_args,
+            log_file=logs.new_log_file(settings.logs, "vllm-router"),
+            echo=echo,
+        )
+
+    @property
+    def served_model_name(self) -> str:
+        return self.servers[0].served_model_name
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def log_file(self) -> Path | None:
+        return self.router.log_file
+
+    @property
+    def running(self) -> bool:
+        return self.router.running and any(s.running for s in self.servers)
+
+    def start(self) -> Replicas:
+        """Start the servers one after another, then the router; on any failure stop everything started."""
+        t0 = time.monotonic()
+        try:
+            for i, server in enumerate(self.servers):
+                started = time.monotonic()
+                server.start()
+                if self.echo:
+                    self.echo(
+                        f"replica {i + 1}/{len(self.servers)} ready after {time.monotonic() - started:.0f} s "
+                        f"(log: {server.log_file})"
+                    )
+            self.router.worker_urls = [s.url for s in self.servers]
+            self.router.start()
+        except BaseException as e:
+            self.stop(grace=2 if isinstance(e, KeyboardInterrupt) else 20)
+            raise
+        if self.echo:
+            self.echo(
+                f"{len(self.servers)} replicas behind vllm-router at {self.url}, ready after "
+                f"{time.monotonic() - t0:.0f} s (router log: {self.router.log_file})"
+            )
+        return self
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the router, then every server (each with its whole process group)."""
+        self.router.stop(grace)
+        for server in self.servers:
+            server.stop(grace)
+
+    def __enter__(self) -> Replicas:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(f"--- {s.log_file}\n{s.log_tail(lines)}" for s in self.servers if not s.running) or (
+            self.router.log_tail(lines)
+        )
+
+    def openai_client(self, timeout: float = 120.0) -> openai.OpenAI:
+        from .client import openai_client
+
+        return openai_client(self.base_url, timeout=timeout)
