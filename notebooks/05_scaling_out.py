@@ -50,7 +50,7 @@ fleet = Replicas(model_dir, REPLICAS, settings=settings).start()
 # Clients talk to the router exactly as to one server. Each replica's `/metrics` shows it took a share.
 
 # %%
-from tinyllm_vllm.reliability import metric
+from tinyllm_vllm.faults import metric
 
 client = fleet.openai_client()
 for q in ["介绍一下中国。", "世界上最大的动物是什么？", "请介绍一下北京", "你好"] * REPLICAS:

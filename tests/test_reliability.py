@@ -2,7 +2,7 @@
 
 import pytest
 
-from tinyllm_vllm import reliability
+from tinyllm_vllm import faults, reliability
 
 pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
 
@@ -27,16 +27,16 @@ def test_api_key_guards_v1_but_not_health(demo_dir, cpu_settings):
 
 
 FAULTS = {
-    "port already taken": lambda d, s, w: reliability.port_taken(d, s),
-    "not a prepared checkpoint": lambda d, s, w: reliability.not_a_checkpoint(w, s),
-    "engine killed while serving": lambda d, s, w: reliability.engine_killed(d, s),
-    "server killed during start": lambda d, s, w: reliability.killed_during_start(d, s),
-    "kernel interrupted, then restarted": lambda d, s, w: reliability.kernel_interrupted_and_restarted(d, s),
+    "port already taken": lambda d, s, w: faults.port_taken(d, s),
+    "not a prepared checkpoint": lambda d, s, w: faults.not_a_checkpoint(w, s),
+    "engine killed while serving": lambda d, s, w: faults.engine_killed(d, s),
+    "server killed during start": lambda d, s, w: faults.killed_during_start(d, s),
+    "kernel interrupted, then restarted": lambda d, s, w: faults.kernel_interrupted_and_restarted(d, s),
 }
 
 
 @pytest.mark.parametrize("name", FAULTS)
 def test_fault_is_reported_and_leaves_nothing(name, demo_dir, cpu_settings, tmp_path):
-    r = reliability.fault(name, lambda: FAULTS[name](demo_dir, cpu_settings, tmp_path))
+    r = faults.fault(name, lambda: FAULTS[name](demo_dir, cpu_settings, tmp_path))
     assert r["reported"], r
     assert r["processes_left"] == 0, r

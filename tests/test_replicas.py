@@ -2,7 +2,7 @@
 
 import pytest
 
-from tinyllm_vllm import reliability
+from tinyllm_vllm import faults
 from tinyllm_vllm.client import delta_text, http_stream
 from tinyllm_vllm.demo import corpus_answers
 from tinyllm_vllm.deploy import Replicas
@@ -45,12 +45,12 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
         )
     )
     assert streamed == answer
-    served = [reliability.metric(s, "vllm:request_success_total") for s in fleet.servers]
+    served = [faults.metric(s, "vllm:request_success_total") for s in fleet.servers]
     assert all(n > 0 for n in served), served
 
 
 def test_clients_that_hang_up_are_aborted(fleet):
-    r = reliability.clients_hang_up(fleet)
+    r = faults.clients_hang_up(fleet)
     assert r["hung_up"] == 24, r
     # each stream was cut after 3 chunks of 400 asked: the engines stopped generating for them long before
     assert r["running_after"] == 0 and r["tokens_generated"] < r["tokens_asked"] / 2, r
@@ -58,7 +58,7 @@ def test_clients_that_hang_up_are_aborted(fleet):
 
 
 def test_a_replica_killed_under_load_leaves_the_endpoint_answering(fleet):
-    r = reliability.replica_killed_under_load(fleet)
+    r = faults.replica_killed_under_load(fleet)
     assert r["answered_after"] == 10, r  # the router stops sending to the dead replica
     assert r["killed_replica_gone"]
     assert r["completed"] + r["failed"] == r["sent"]  # every request accounted for: completed or reported failed

@@ -183,7 +183,7 @@ def _starts(path: Path, options: dict) -> None:
 
 
 def scaling() -> None:
-    from tinyllm_vllm import reliability
+    from tinyllm_vllm import faults
     from tinyllm_vllm.bench.compare import prepare_workload
     from tinyllm_vllm.bench.scaling import replicas_scaling, summary
     from tinyllm_vllm.bench.workload import ChatLike
@@ -206,12 +206,12 @@ def scaling() -> None:
         return
     say("faults through the router")
     with Replicas(path, 2, settings=settings, echo=say) as fleet:
-        faults = {
-            "clients_hang_up": reliability.clients_hang_up(fleet, n=64, max_tokens=500),
-            "replica_killed": reliability.replica_killed_under_load(fleet, n=512, max_tokens=128),
+        found = {
+            "clients_hang_up": faults.clients_hang_up(fleet, n=64, max_tokens=500),
+            "replica_killed": faults.replica_killed_under_load(fleet, n=512, max_tokens=128),
         }
-    say(json.dumps(faults))
-    (OUT / "router_faults.json").write_text(json.dumps(faults, indent=2))
+    say(json.dumps(found))
+    (OUT / "router_faults.json").write_text(json.dumps(found, indent=2))
 
 
 def multi() -> None:
