@@ -49,12 +49,15 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
     assert all(n > 0 for n in served), served
 
 
-def test_clients_that_hang_up_are_aborted(fleet):
-    r = faults.clients_hang_up(fleet)
-    assert r["hung_up"] == 24, r
-    # each stream was cut after 3 chunks of 400 asked: the engines stopped generating for them long before
-    assert r["running_after"] == 0 and r["tokens_generated"] < r["tokens_asked"] / 2, r
-    assert r["healthy_after"]
+def test_clients_that_hang_up_are_freed(fleet):
+    """Streams cut after 3 chunks of 500 asked, straight to a server and through the router: every request is
+    freed (nothing runs afterwards), most are aborted early, and the servers stay healthy. Not all are
+    aborted: vLLM notices a hang-up only when it tries to send, so some run to their end (seen on 2 CPU
+    cores: 5-6 of 24 directly, 12 of 24 through vllm-router 0.1.17, all on one of its two replicas)."""
+    for direct in (True, False):
+        r = faults.clients_hang_up(fleet, direct=direct)
+        assert r["hung_up"] == 24 and r["running_after"] == 0 and r["healthy_after"], r
+        assert r["finished_normally"] < 24 and r["tokens_generated"] < r["tokens_asked"] * 3 / 4, r
 
 
 def test_a_replica_killed_under_load_leaves_the_endpoint_answering(fleet):

@@ -216,23 +216,30 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
     }
 
 
-def clients_hang_up(fleet: Replicas, n: int = 24, max_tokens: int = 400) -> dict:
-    """Clients that close the connection mid-stream: the engines must stop generating for them (vLLM's
-    ``/metrics``: nothing left running, far fewer tokens generated than asked for) and stay healthy."""
+def clients_hang_up(fleet: Replicas, n: int = 24, max_tokens: int = 500, direct: bool = False) -> dict:
+    """Clients that close the connection mid-stream, through the router (or ``direct``ly to the first server).
+
+    vLLM's ``/metrics`` tell what the engines did: how many of those requests still ran afterwards, how
+    many finished as a normal request would (``vllm:request_success_total`` counts stop and length, not
+    aborts: an aborted request does not count), how many tokens were generated of those asked for."""
     servers = [s for s in fleet.servers if s.running]
-    before = sum(metric(s, "vllm:generation_tokens_total") for s in servers)
-    r = asyncio.run(_stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, hang_up_after=3))
-    deadline = time.monotonic() + 30
+    url = servers[0].base_url if direct else fleet.base_url
+    tokens_before = sum(metric(s, "vllm:generation_tokens_total") for s in servers)
+    finished_before = sum(metric(s, "vllm:request_success_total") for s in servers)
+    r = asyncio.run(_stream_many(url, fleet.served_model_name, n, max_tokens, hang_up_after=3))
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and sum(metric(s, "vllm:num_requests_running") for s in servers) > 0:
         time.sleep(0.5)
     time.sleep(1)  # a request still running would keep generating: give it the chance to show
     running = sum(metric(s, "vllm:num_requests_running") for s in servers)
-    generated = sum(metric(s, "vllm:generation_tokens_total") for s in servers) - before
+    generated = sum(metric(s, "vllm:generation_tokens_total") for s in servers) - tokens_before
+    finished = sum(metric(s, "vllm:request_success_total") for s in servers) - finished_before
     healthy = all(httpx.get(s.url + "/health", timeout=10).status_code == 200 for s in servers)
     return {
         "hung_up": r["hung_up"],
         "tokens_asked": n * max_tokens,
         "tokens_generated": generated,
+        "finished_normally": finished,
         "running_after": running,
         "healthy_after": healthy,
     }
