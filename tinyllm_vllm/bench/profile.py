@@ -67,11 +67,6 @@ def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> di
     return {"process": process, "samples": total, "inclusive": table(inclusive), "self": table(leaf)}
 
 
-def share(summary: dict, name: str) -> float:
-    """Inclusive share of the first frame whose text contains ``name`` (0 if none)."""
-    return next((row["share"] for row in summary["inclusive"] if name in row["frame"]), 0.0)
-
-
 def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float = 2.0, rate: int = 100) -> dict:
     """Run ``spec`` (a vLLM engine, see ``engines``) and record it with py-spy for ``seconds`` once warm.
 

@@ -119,26 +119,5 @@ def plot_offline(results: list[dict], png: str | Path, title: str | None = None)
     return Path(png)
 
 
-def plot_scaling(scaling: dict, png: str | Path) -> Path:
-    """Output tok/s against concurrency for one server and for N replicas behind the router."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, levels in scaling["runs"].items():
-        ax.plot([lv["concurrency"] for lv in levels], [lv["output_tok_s"] for lv in levels], "o-", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("requests in flight (vllm bench serve --max-concurrency)")
-    ax.set_ylabel("output tokens / s")
-    ax.legend(fontsize=8)
-    ax.set_title(f"serving through one endpoint: {scaling['machine'].get('gpu', 'CPU')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
-
-
 def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
