@@ -1,11 +1,12 @@
 """Two replicas of the demo model behind vllm-router: one endpoint, faults through the router, clean stop."""
 
+import httpx
 import pytest
 
 from tinyllm_vllm import faults
 from tinyllm_vllm.client import delta_text, http_stream
 from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.deploy import Replicas
+from tinyllm_vllm.deploy import Replicas, Router
 from tinyllm_vllm.procs import group_members
 
 pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
@@ -47,6 +48,17 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
     assert streamed == answer
     served = [faults.metric(s, "vllm:request_success_total") for s in fleet.servers]
     assert all(n > 0 for n in served), served
+
+
+def test_a_second_router_on_the_same_machine(fleet, tmp_path):
+    """Two routers at once (two deployments, or the scaling benchmark's subsets): each takes its own metrics
+    port; vllm-router's default (29000) is fixed and the second one used to die on it."""
+    with Router([fleet.servers[0].url], log_file=tmp_path / "router.log", echo=None) as second:
+        assert second.metrics_port != fleet.router.metrics_port
+        models = httpx.get(second.url + "/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["tinyllm_92m"]
+        assert httpx.get(f"http://127.0.0.1:{second.metrics_port}/metrics", timeout=30).status_code == 200
+    assert not group_members(second.proc.pid)
 
 
 def test_clients_that_hang_up_are_freed(fleet):

@@ -54,10 +54,16 @@ class Router(ManagedProcess):
         super().__init__(log_file, startup_timeout, echo)
         self.worker_urls, self.host, self.port, self.policy = list(worker_urls), host, port, policy
         self.router_args = list(router_args)
+        self.metrics_port: int | None = None
 
     def command(self) -> list[str]:
         if self.port is None:
             self.port = free_port(self.host)
+        metrics = []
+        if "--prometheus-port" not in self.router_args:
+            # its default, 29000, is fixed: a second router on the machine would fail to start on it
+            self.metrics_port = self.metrics_port or free_port(self.host)
+            metrics = ["--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port)]
         return [
             sys.executable,
             "-m",
@@ -75,6 +81,7 @@ class Router(ManagedProcess):
             "2",
             "--health-failure-threshold",
             "2",
+            *metrics,
             *self.router_args,
         ]
 

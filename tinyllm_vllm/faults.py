@@ -182,9 +182,11 @@ async def _stream_many(base_url: str, model: str, n: int, max_tokens: int, hang_
     return results
 
 
-def metric(server: VLLMServer, name: str, having: str = "") -> float:
-    """Sum of a Prometheus metric from the server's ``/metrics`` over the label sets that contain ``having``."""
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+def metric(server: VLLMServer | str, name: str, having: str = "") -> float:
+    """Sum of a Prometheus metric from a server's ``/metrics`` (or any root URL's) over the label sets that
+    contain ``having``."""
+    root = server if isinstance(server, str) else server.url
+    text = httpx.get(root + "/metrics", timeout=10).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -196,6 +198,10 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
     """Through the router, stream n requests while one replica is killed: count what failed and what was
     lost; the endpoint must keep answering afterwards."""
 
+    router_metrics = f"http://{fleet.router.host}:{fleet.router.metrics_port}" if fleet.router.metrics_port else None
+    counters = ("vllm_router_retries_total", "vllm_router_retries_exhausted_total", "vllm_router_request_errors_total")
+    before = {c: metric(router_metrics, c) for c in counters} if router_metrics else {}
+
     async def run() -> dict:
         load = asyncio.create_task(_stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, None))
         await asyncio.sleep(1.0)
@@ -206,7 +212,10 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
     r = asyncio.run(run())
     after = asyncio.run(_stream_many(fleet.base_url, fleet.served_model_name, 10, 4, None))
     gone = wait_group_gone(fleet.servers[-1].proc.pid, 30)
+    # what the router did about it, from its own counters (retried to another replica, or given up)
+    router = {c.removeprefix("vllm_router_"): metric(router_metrics, c) - before[c] for c in before}
     return {
+        "router": router,
         "sent": n,
         "completed": r["complete"],
         "failed": r["failed"],

@@ -64,6 +64,12 @@ def send_vllm_log_to(log_file: Path) -> None:
     logging.config.dictConfig(_config(log_file, console=True))
 
 
+def current_log_file() -> Path | None:
+    """The file ``send_vllm_log_to`` points vLLM's log at in this process, if it did."""
+    files = [h for h in logging.getLogger("vllm").handlers if isinstance(h, logging.FileHandler)]
+    return Path(files[0].baseFilename) if files else None
+
+
 @contextmanager
 def engine_phase(log_file: Path) -> Iterator[list[int]]:
     """Start or stop an in-process engine quietly: file descriptors 1 and 2 point at ``log_file`` for the

@@ -64,11 +64,7 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
         ) from e
     if echo:
         echo(f"engine ready after {time.monotonic() - t0:.0f} s ({_warned(warnings[0])})")
-    _LOGS[id(llm)] = log_file
     return llm
-
-
-_LOGS: dict[int, Path] = {}  # engine -> its log file, for close()
 
 
 def _warned(n: int) -> str:
@@ -77,8 +73,8 @@ def _warned(n: int) -> str:
 
 def close(llm: Any, echo: Any = print) -> None:
     """Shut the engine's helper processes down now (not whenever the garbage collector gets to them)."""
-    log_file = _LOGS.pop(id(llm), None)
-    if log_file is None:
+    log_file = logs.current_log_file()
+    if log_file is None:  # TINYLLM_VERBOSE: vLLM logs as it likes
         llm.llm_engine.engine_core.shutdown()
         return
     with logs.engine_phase(log_file):

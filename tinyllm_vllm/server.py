@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
@@ -87,6 +87,15 @@ class ManagedProcess:
 
     def health_url(self) -> str:
         raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll the health URL until it answers 200; raise ServerError if the process exits or time runs out."""
@@ -231,12 +240,6 @@ class VLLMServer(ManagedProcess):
         if self.echo:
             self.echo(f"{self.kind} ready after {time.monotonic() - t0:.0f} s")
         return self
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -3,7 +3,8 @@
 ``profile_engine`` starts a vLLM engine in its own process (as the benchmarks do), lets it warm up,
 then starts the timed run and records every process of the engine (``py-spy record --subprocesses
 --format raw``) for a few seconds while it runs. ``summarize`` reads the raw (collapsed) stacks of
-the engine core process and gives each frame's share of its samples, inclusive and self.
+the engine core process (and of the front process that feeds it) and gives each frame's share of its
+samples, inclusive and self.
 """
 
 from __future__ import annotations
@@ -67,6 +68,38 @@ def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> di
     return {"process": process, "samples": total, "inclusive": table(inclusive), "self": table(leaf)}
 
 
+def under(raw: str | Path, parent: str, process: str = "EngineCore") -> dict[str, float]:
+    """Share of the process's samples spent in each direct callee of the first frame that starts with
+    ``parent`` (for the engine core, ``EngineCore.step``: scheduling, running the model, reading its output).
+    Samples outside ``parent`` count as "(outside)", those in it with no callee as "(self)"."""
+    count: Counter[str] = Counter()
+    for line in Path(raw).read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = stack.split(";")
+        owners = [i for i, f in enumerate(frames) if f.startswith("process ")]
+        if not n.isdigit() or not owners or process not in frames[owners[-1]]:
+            continue
+        frames = frames[owners[-1] + 1 :]
+        at = next((i for i, f in enumerate(frames) if f.startswith(parent)), None)
+        key = "(outside)" if at is None else frames[at + 1] if at + 1 < len(frames) else "(self)"
+        count[key] += int(n)
+    total = sum(count.values()) or 1
+    return {frame: round(c / total, 4) for frame, c in count.most_common()}
+
+
+def busy(raw: str | Path, seconds: float, rate: int) -> dict[str, float]:
+    """Per process (by name), samples per sampling tick: py-spy samples only threads that are running, so
+    1.0 means one thread of that process on a CPU all the time."""
+    ticks = max(1.0, seconds * rate)
+    count: Counter[str] = Counter()
+    for line in Path(raw).read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        owners = [f for f in stack.split(";") if f.startswith("process ")]
+        if owners and n.isdigit():
+            count[owners[-1].split(":", 1)[-1].strip('"')] += int(n)
+    return {name: round(c / ticks, 3) for name, c in count.most_common()}
+
+
 def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float = 2.0, rate: int = 100) -> dict:
     """Run ``spec`` (a vLLM engine, see ``engines``) and record it with py-spy for ``seconds`` once warm.
 
@@ -110,4 +143,14 @@ def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float
             "error": f"py-spy failed (exit {recorder.returncode}): {recorder.stderr.strip()[-500:]}",
             "command": cmd,
         }
-    return {"command": cmd, "engine": result, "summary": summarize(out_raw)}
+    return {
+        "command": cmd,
+        "engine": result,
+        "busy": busy(out_raw, seconds, rate),
+        "summary": summarize(out_raw),
+        "engine_step": under(out_raw, "EngineCore.step"),
+        # a worker process, where vLLM runs the model outside the engine core (the CPU build does)
+        "worker": summarize(out_raw, process="VLLM::Worker"),
+        # the process that feeds the engine core (LLM.generate: requests in, outputs out)
+        "front": summarize(out_raw, process="tinyllm_vllm.bench.engines"),
+    }
