@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .errors import ServerError
-from .server import ManagedProcess, VLLMServer, free_port, port_is_free
+from .server import ManagedProcess, VLLMServer, free_port
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -93,11 +93,8 @@ class Router(ManagedProcess):
         return self.url + "/health"
 
     def start(self) -> Router:
-        cmd = self.command()
-        if not port_is_free(self.host, self.port):
-            raise ServerError(f"{self.kind} failed: port {self.port} on {self.host} is already in use")
-        self._launch(cmd, dict(os.environ))
-        self.wait_ready()
+        if not self.running:
+            self._launch(self.command(), dict(os.environ))
         return self
 
 

@@ -77,13 +77,34 @@ class ManagedProcess:
         self.startup_timeout = startup_timeout
         self.echo = echo
         self.proc: subprocess.Popen | None = None
+        self.host = "127.0.0.1"
         self.port: int | None = None
         self._finalizer: weakref.finalize | None = None
 
-    def _launch(self, cmd: list[str], env: dict[str, str]) -> None:
+    def _launch(self, cmd: list[str], env: dict[str, str], wait: bool = True, announce: str | None = None) -> None:
+        """Start ``cmd`` (which names ``self.port``), echo ``announce``, and with ``wait`` wait until it is ready.
+        A taken port is refused before anything starts; on any failure, Ctrl-C included (within about two
+        seconds), the process group is stopped again."""
+        if not port_is_free(self.host, self.port):
+            raise ServerError(
+                f"{self.kind} failed: port {self.port} on {self.host} is already in use: "
+                f"pick another port, or stop what listens there"
+            )
         self.proc = procs.start_group(cmd, self.log_file, env)
         self._finalizer = weakref.finalize(self, procs.stop_group, self.proc, 10.0)
         atexit.register(self._finalizer)
+        if announce and self.echo:
+            self.echo(announce)
+        if not wait:
+            return
+        try:
+            self.wait_ready()
+        except KeyboardInterrupt:
+            self.stop(grace=2)
+            raise
+        except BaseException:
+            self.stop()
+            raise
 
     def health_url(self) -> str:
         raise NotImplementedError
@@ -215,28 +236,14 @@ class VLLMServer(ManagedProcess):
         if self.running:
             return self
         cmd = self.command()
-        if not port_is_free(self.host, self.port):
-            raise ServerError(
-                f"{self.kind} failed: port {self.port} on {self.host} is already in use: "
-                f"pick another port, or stop what listens there"
-            )
         if self.log_file is None:
             self.log_file = logs.new_log_file(self.settings.logs, f"vllm-server-{self.port}")
         env = os.environ | {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
         t0 = time.monotonic()
-        self._launch(cmd, env)
+        announce = f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})"
+        self._launch(cmd, env, wait, announce if wait else None)
         if not wait:
             return self
-        if self.echo:
-            self.echo(f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})")
-        try:
-            self.wait_ready()
-        except KeyboardInterrupt:
-            self.stop(grace=2)
-            raise
-        except BaseException:
-            self.stop()
-            raise
         if self.echo:
             self.echo(f"{self.kind} ready after {time.monotonic() - t0:.0f} s")
         return self

@@ -56,10 +56,9 @@ def model(kind: str) -> Path:
 
 
 def gpu_names() -> list[str]:
-    if not shutil.which("nvidia-smi"):
-        return ["no GPU (a dry run)"]
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    return [n.strip() for n in out.stdout.splitlines() if n.strip()]
+    from tinyllm_vllm.bench.compare import machine
+
+    return machine().get("gpus") or ["no GPU (a dry run)"]
 
 
 def walkthrough(kind: str, notebooks: list[str]) -> None:

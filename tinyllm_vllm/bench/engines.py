@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from .. import procs
+
 ENGINES = ("plugin", "qwen2", "transformers_static", "transformers_cb")
 VLLM_ENGINES = ("plugin", "qwen2")
 
@@ -250,6 +252,11 @@ def ready(proc: subprocess.Popen) -> bool:
 def go(proc: subprocess.Popen) -> None:
     proc.stdin.write("GO\n")
     proc.stdin.flush()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a lockstep engine at once, with its engine core (its process group), and wait until all are gone."""
+    procs.stop_group(proc, grace=0)
 
 
 def result_of(proc: subprocess.Popen) -> dict | None:

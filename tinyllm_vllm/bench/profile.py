@@ -9,14 +9,13 @@ samples, inclusive and self.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import engines
@@ -35,26 +34,28 @@ def py_spy() -> str:
     return found
 
 
-def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> dict:
-    """Share of samples per frame in the processes whose name contains ``process``.
+def samples(raw: str | Path) -> Iterator[tuple[str, list[str], int]]:
+    """(process name, its frames root first, count) for each stack of a raw py-spy file.
 
     A raw py-spy line is ``root;caller;...;leaf COUNT``; with ``--subprocesses`` it starts with the chain of
     processes down to the sampled one (``process 12:"python ...";process 34:"VLLM::EngineCore";...``)."""
+    for line in Path(raw).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        owners = [i for i, f in enumerate(frames) if f.startswith("process ")]
+        if owners and count.isdigit():
+            name = frames[owners[-1]].split(":", 1)[-1].strip('"')
+            yield name, frames[owners[-1] + 1 :], int(count)
+
+
+def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> dict:
+    """Share of samples per frame, inclusive and self, in the processes whose name contains ``process``."""
     inclusive: Counter[str] = Counter()
     leaf: Counter[str] = Counter()
     total = 0
-    for line in Path(raw).read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+    for name, frames, n in samples(raw):
+        if process not in name or not frames:
             continue
-        frames = stack.split(";")
-        owners = [i for i, f in enumerate(frames) if f.startswith("process ")]
-        if not owners or process not in frames[owners[-1]]:
-            continue
-        frames = frames[owners[-1] + 1 :]
-        if not frames:
-            continue
-        n = int(count)
         total += n
         for frame in set(frames):
             inclusive[frame] += n
@@ -63,7 +64,8 @@ def summarize(raw: str | Path, process: str = "EngineCore", top: int = 15) -> di
         return {"process": process, "samples": 0, "inclusive": [], "self": []}
 
     def table(counter: Counter[str]) -> list[dict]:
-        return [{"frame": f, "share": round(c / total, 4)} for f, c in counter.most_common(top)]
+        ranked = sorted(counter.items(), key=lambda fc: (-fc[1], fc[0]))[:top]  # ties by name: reproducible
+        return [{"frame": f, "share": round(c / total, 4)} for f, c in ranked]
 
     return {"process": process, "samples": total, "inclusive": table(inclusive), "self": table(leaf)}
 
@@ -73,16 +75,12 @@ def under(raw: str | Path, parent: str, process: str = "EngineCore") -> dict[str
     ``parent`` (for the engine core, ``EngineCore.step``: scheduling, running the model, reading its output).
     Samples outside ``parent`` count as "(outside)", those in it with no callee as "(self)"."""
     count: Counter[str] = Counter()
-    for line in Path(raw).read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        frames = stack.split(";")
-        owners = [i for i, f in enumerate(frames) if f.startswith("process ")]
-        if not n.isdigit() or not owners or process not in frames[owners[-1]]:
+    for name, frames, n in samples(raw):
+        if process not in name:
             continue
-        frames = frames[owners[-1] + 1 :]
         at = next((i for i, f in enumerate(frames) if f.startswith(parent)), None)
         key = "(outside)" if at is None else frames[at + 1] if at + 1 < len(frames) else "(self)"
-        count[key] += int(n)
+        count[key] += n
     total = sum(count.values()) or 1
     return {frame: round(c / total, 4) for frame, c in count.most_common()}
 
@@ -92,11 +90,8 @@ def busy(raw: str | Path, seconds: float, rate: int) -> dict[str, float]:
     1.0 means one thread of that process on a CPU all the time."""
     ticks = max(1.0, seconds * rate)
     count: Counter[str] = Counter()
-    for line in Path(raw).read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        owners = [f for f in stack.split(";") if f.startswith("process ")]
-        if owners and n.isdigit():
-            count[owners[-1].split(":", 1)[-1].strip('"')] += int(n)
+    for name, _, n in samples(raw):
+        count[name] += n
     return {name: round(c / ticks, 3) for name, c in count.most_common()}
 
 
@@ -132,11 +127,7 @@ def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float
         recorder = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
         result = engines.result_of(engine) or {"error": "the engine gave no result"}
     finally:
-        try:
-            os.killpg(engine.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        engine.wait()
+        engines.stop(engine)
         log.close()
     if recorder.returncode != 0 or not Path(out_raw).exists():
         return {
