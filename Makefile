@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` next to CPU torch
 	if [ "$(STACK)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (tinyllm-vllm)" >/dev/null
-	# the browser test drives Debian's Chromium (Playwright's own browser download is not needed)
-	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get install -y -q chromium >/dev/null; } || echo "no Chromium: the browser test will be skipped"
+	# the browser test drives Debian's Chromium (Playwright's own browser download is not needed), with a CJK
+	# font so that the chat page's Chinese renders as text, not boxes, in screenshots
+	{ command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "CJK"; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get install -y -q chromium fonts-noto-cjk >/dev/null; } || \
+	  echo "no Chromium or no CJK font: the browser test will be skipped, or Chinese shows as boxes"
 	touch $(STAMP)
 
 test: install
@@ -38,7 +41,7 @@ lint: install
 
 # load, bad requests, auth and faults against real servers, as a printed summary (the tests assert the same)
 reliability: install
-	TINYLLM_MODEL=demo $(PY) -m tinyllm_vllm.reliability
+	TINYLLM_MODEL=demo $(PY) -m tinyllm_vllm.testing.reliability
 
 demo: install
 	$(PY) -m tinyllm_vllm.walkthrough
@@ -47,9 +50,9 @@ demo: install
 lab: install
 	$(VENV)/bin/jupyter lab --allow-root $(LAB_ARGS) notebooks/
 
-# the .ipynb files from their .py sources (after editing a .py), outputs stripped
+# the .ipynb files from their notebooks/src/*.py sources (after editing one), outputs stripped
 notebooks: install
-	$(VENV)/bin/jupytext --sync notebooks/0*.py
+	$(VENV)/bin/jupytext --sync notebooks/src/0*.py
 	$(VENV)/bin/nbstripout notebooks/0*.ipynb
 
 clean:

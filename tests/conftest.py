@@ -1,6 +1,6 @@
-"""Shared fixtures. Data from the original project is read from ../shared/fixtures (or
-$TINYLLM_FIXTURES) and never committed; tests that need it skip with the reason when it is absent,
-and the run ends with one line per reason (``pytest_terminal_summary``)."""
+"""Shared fixtures. The tokenizer and its goldens are committed under tests/data; the reference checkpoint
+is read from $TINYLLM_FIXTURES (``helpers``). Without it, its tests skip and the run says so loudly at its
+start and ends with one line per reason for skipping; under CI they fail instead."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fixture_path, make_published
+from helpers import FIXTURES, MISSING, data_path, fixture_path, make_published
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +22,20 @@ def reference_dir() -> Path:
 def published_dir(tmp_path_factory, reference_dir) -> Path:
     """Reference weights + the real ChatGLM3 tokenizer, in the published repo's layout."""
     return make_published(
-        tmp_path_factory.mktemp("pub") / "tiny_llm_sft_92m", reference_dir, fixture_path("chatglm3_tokenizer")
+        tmp_path_factory.mktemp("pub") / "tiny_llm_sft_92m", reference_dir, data_path("chatglm3_tokenizer")
     )
+
+
+@pytest.fixture(scope="session")
+def prepared_tokenizer(tmp_path_factory) -> Path:
+    """A tiny random-weight TinyLLM with the real ChatGLM3 tokenizer (tests/data), prepared: tokenizer tests
+    need no reference checkpoint."""
+    from tinyllm_vllm.checkpoint import prepare_checkpoint
+    from tinyllm_vllm.demo import DEMO_SHAPE, random_model
+
+    base = tmp_path_factory.mktemp("tok")
+    src = random_model(base / "src", data_path("chatglm3_tokenizer", "tokenizer.model"), shape=DEMO_SHAPE)
+    return prepare_checkpoint(src, base / "prepared", source="tokenizer-test")
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +73,12 @@ def demo_server(demo_dir, cpu_settings):
     with VLLMServer(demo_dir, settings=cpu_settings, echo=None) as server:
         yield server
     assert not group_members(server.proc.pid), "the server left processes behind"
+
+
+def pytest_report_header(config) -> list[str]:
+    if (FIXTURES / "reference_tinyllm").exists():
+        return [f"reference checkpoint: {FIXTURES / 'reference_tinyllm'}"]
+    return ["!" * 100, f"!!! {MISSING}", "!!! the model-parity and checkpoint-layout tests will SKIP", "!" * 100]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -1,37 +1,36 @@
-"""How the benchmarks turn raw records into the numbers the README quotes: several vllm bench serve clients
-merged into one level, and a py-spy profile summarised by process and by engine step."""
+"""How the benchmarks turn raw records into the numbers the README quotes: a barrier-started serving load
+summarised (throughput over the whole span, how long every client was sending), and a py-spy profile
+summarised by process and by engine step."""
 
-from tinyllm_vllm.bench import profile, vllm_tools
-
-
-def client(start: float, duration: float, tokens: int, requests: int = 2) -> dict:
-    """One ``vllm bench serve --save-detailed`` result, with the fields ``merge`` reads."""
-    return {
-        "duration": duration,
-        "completed": requests,
-        "failed": 0,
-        "total_output_tokens": tokens,
-        "start_times": [start + i * 0.1 for i in range(requests)],
-        "ttfts": [0.05] * requests,
-        "errors": [""] * requests,
-        "itls": [[0.01, 0.01]] * requests,
-    }
+from tinyllm_vllm.bench import load, profile
 
 
-def test_staggered_clients_count_over_the_whole_run():
-    # the second client started 5 s late: 2000 tokens came over 15 s, not over the longest client's 10 s
-    merged = vllm_tools.merge([client(100.0, 10.0, 1000), client(105.0, 10.0, 1000)], concurrency=8, clients=2)
-    assert merged["duration_s"] == 15.0
-    assert merged["client_start_spread_s"] == 5.0
-    assert round(merged["output_tok_s"], 3) == round(2000 / 15, 3)
-    assert merged["completed"] == 4
+def client(start: float, end: float, tokens: int = 100, requests: int = 2, error: str | None = None) -> dict:
+    """One load client's records: ``requests`` requests between ``start`` and ``end``."""
+    recs = [
+        {"sent": start, "first": start + 0.05, "end": end, "tokens": tokens, "error": None} for _ in range(requests)
+    ]
+    if error:
+        recs[-1]["error"] = error
+    return {"records": recs, "cpu_share": 0.3}
 
 
-def test_clients_without_start_times_fall_back_to_the_longest_client():
-    old = [client(0.0, 10.0, 1000), client(0.0, 8.0, 600)]
-    for c in old:
-        del c["start_times"]
-    assert vllm_tools.span(old) == (10.0, 0.0)
+def test_clients_that_ran_together_make_a_valid_level():
+    level = load.summarize([client(100.0, 110.0), client(100.1, 110.2)], concurrency=8)
+    assert level["client_overlap"] > 0.95 and level["valid"]
+    assert round(level["output_tok_s"], 3) == round(400 / 10.2, 3)
+
+
+def test_a_late_client_makes_the_level_invalid():
+    # the second client started 5 s late: for a third of the span only one client was sending
+    level = load.summarize([client(100.0, 110.0), client(105.0, 115.0)], concurrency=8)
+    assert round(level["client_overlap"], 3) == round(5 / 15, 3) and not level["valid"]
+    assert level["duration_s"] == 15.0
+
+
+def test_a_failed_request_makes_the_level_invalid():
+    level = load.summarize([client(0.0, 10.0), client(0.0, 10.0, error="HTTP 500: boom")], concurrency=8)
+    assert level["failed"] == 1 and level["errors"] == ["HTTP 500: boom"] and not level["valid"]
 
 
 FRONT = 'process 1:"python -m tinyllm_vllm.bench.engines"'

@@ -14,7 +14,7 @@ from tinyllm_vllm.demo import corpus_answers, demo_model
 from tinyllm_vllm.errors import CheckpointError
 from tinyllm_vllm.sources import ensure_model, prepare
 
-from helpers import fixture_path, make_published
+from helpers import data_path, make_published
 
 
 def listing(path: Path) -> dict:
@@ -65,7 +65,7 @@ def test_transformers_loads_it_without_remote_code(prepared_ref):
 
 
 def _bad(tmp_path, reference_dir, **patch):
-    return make_published(tmp_path / "src", reference_dir, fixture_path("chatglm3_tokenizer"), patch)
+    return make_published(tmp_path / "src", reference_dir, data_path("chatglm3_tokenizer"), patch)
 
 
 @pytest.mark.parametrize(
@@ -185,6 +185,11 @@ def test_modelscope_source(tmp_path, published_dir):
         ["modelscope:wdn/tiny_llm_sft_92m", str(out)], {"MODELSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     )
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)  # prepare prints where the prepared checkpoint is
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["source"] == "modelscope:wdn/tiny_llm_sft_92m"
+    assert (out / "model.safetensors").read_bytes() == (published_dir / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "tinyllm"
 
 
 def test_modelscope_missing_is_a_clear_error(tmp_path, monkeypatch):
@@ -225,7 +230,7 @@ def _modelscope_cache(root: Path, published: Path) -> Path:
 AUTO = """
 import json, sys
 from tinyllm_vllm.sources import ensure_model
-path, note = ensure_model("auto", sys.argv[1])
+path, note = ensure_model("auto", sys.argv[1], verbose=True)
 print(json.dumps([str(path), note]))
 """
 

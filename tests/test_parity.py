@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tinyllm_vllm.parity import hf_parity
+from tinyllm_vllm.testing.parity import hf_parity
 
 from helpers import read_jsonl
 

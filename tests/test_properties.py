@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tinyllm_vllm.checkpoint import MANIFEST, CheckpointError, prepare_checkpoint
 
-from helpers import fixture_path, make_published
+from helpers import data_path, make_published
 
 # "▁" (U+2581) is SentencePiece's space marker: it decodes to " " in every SentencePiece tokenizer
 TEXT = st.text(st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",)), max_size=60)
@@ -48,7 +48,7 @@ FIELDS = {
 def test_prepare_is_all_or_nothing(tmp_path_factory, reference_dir, patch, cut):
     """Whatever the config or a truncation does, OUT is either complete or absent (never half-written)."""
     work = tmp_path_factory.mktemp("prop")
-    src = make_published(work / "src", reference_dir, fixture_path("chatglm3_tokenizer"), patch)
+    src = make_published(work / "src", reference_dir, data_path("chatglm3_tokenizer"), patch)
     if cut is not None:
         data = (reference_dir / "model.safetensors").read_bytes()
         (src / "model.safetensors").unlink()

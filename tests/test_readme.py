@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -27,7 +26,17 @@ def blocks() -> dict[str, str]:
 
 
 def test_the_readme_marks_every_step():
-    assert set(blocks()) == {"prepare", "server", "curl", "openai", "llm"}
+    assert set(blocks()) == {"activate", "prepare", "server", "curl", "openai", "llm"}
+
+
+def shell(code: str) -> list[str]:
+    """A README block run as a reader runs it: in a plain bash at the repository's root, after the README's
+    activation block, with nothing else put on PATH."""
+    return ["bash", "-c", blocks()["activate"] + "\n" + code]
+
+
+def python(path) -> list[str]:
+    return shell(f"python {path}")
 
 
 def test_the_original_commands_work_as_written(demo_dir, tmp_path):
@@ -36,10 +45,9 @@ def test_the_original_commands_work_as_written(demo_dir, tmp_path):
             pytest.skip("port 8000, which the README's commands use, is taken on this machine")
     code = blocks()
     env = os.environ | {"MODEL": str(demo_dir)}
-    bin_dir = os.path.dirname(sys.executable)  # `python` in the blocks is this environment's
-    env["PATH"] = bin_dir + os.pathsep + env["PATH"]
     server = subprocess.Popen(
-        ["bash", "-c", code["server"]],
+        shell(code["server"]),
+        cwd=ROOT,
         env=env,
         start_new_session=True,
         stdout=open(tmp_path / "server.log", "w"),
@@ -47,30 +55,29 @@ def test_the_original_commands_work_as_written(demo_dir, tmp_path):
     )
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
+        while True:
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the README's server did not answer /health within 300 s"
             try:
                 if httpx.get("http://127.0.0.1:8000/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        curl = subprocess.run(["bash", "-c", code["curl"]], env=env, capture_output=True, text=True, timeout=120)
+        curl = subprocess.run(shell(code["curl"]), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         replies = [json.loads(line) for line in curl.stdout.replace("}{", "}\n{").splitlines() if line.strip()]
         assert [m["id"] for m in replies[0]["data"]] == ["tinyllm_92m"]
         assert replies[1]["choices"][0]["text"]
         assert replies[2]["choices"][0]["message"]["content"] == corpus_answers()["请介绍一下北京"]
         (tmp_path / "client.py").write_text(code["openai"])
         r = subprocess.run(
-            [sys.executable, str(tmp_path / "client.py")], env=env, capture_output=True, text=True, timeout=120
+            python(tmp_path / "client.py"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
         )
         assert r.stdout.strip() == corpus_answers()["世界上最大的动物是什么？"], r.stderr[-2000:]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         assert wait_group_gone(server.pid, 30)
     (tmp_path / "offline.py").write_text(code["llm"])
-    r = subprocess.run(
-        [sys.executable, str(tmp_path / "offline.py")], env=env, capture_output=True, text=True, timeout=300
-    )
+    r = subprocess.run(python(tmp_path / "offline.py"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert corpus_answers()["介绍一下中国。"] in r.stdout.splitlines()  # vLLM may log more lines at exit
 
@@ -80,15 +87,11 @@ def test_the_prepare_step_as_written(tmp_path, published_dir):
     from test_checkpoint import _hub_cache
 
     hf_home = _hub_cache(tmp_path / "hf", "wdndev/tiny_llm_sft_92m", published_dir)
-    env = os.environ | {
-        "HOME": str(tmp_path / "home"),
-        "HF_HOME": str(hf_home),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-    }
+    env = os.environ | {"HOME": str(tmp_path / "home"), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("TINYLLM_HOME", None)
     r = subprocess.run(
-        ["bash", "-c", blocks()["prepare"] + '\ncat "$MODEL/tinyllm_manifest.json"'],
+        shell(blocks()["prepare"] + '\ncat "$MODEL/tinyllm_manifest.json"'),
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

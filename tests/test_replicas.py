@@ -3,11 +3,11 @@
 import httpx
 import pytest
 
-from tinyllm_vllm import faults
-from tinyllm_vllm.client import delta_text, http_stream
+from tinyllm_vllm.client import delta_text, http_stream, metric
 from tinyllm_vllm.demo import corpus_answers
 from tinyllm_vllm.deploy import Replicas, Router
 from tinyllm_vllm.procs import group_members
+from tinyllm_vllm.testing import faults
 
 pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
 
@@ -46,7 +46,7 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
         )
     )
     assert streamed == answer
-    served = [faults.metric(s, "vllm:request_success_total") for s in fleet.servers]
+    served = [metric(s, "vllm:request_success_total") for s in fleet.servers]
     assert all(n > 0 for n in served), served
 
 
@@ -76,4 +76,7 @@ def test_a_replica_killed_under_load_leaves_the_endpoint_answering(fleet):
     r = faults.replica_killed_under_load(fleet)
     assert r["answered_after"] == 10, r  # the router stops sending to the dead replica
     assert r["killed_replica_gone"]
-    assert r["completed"] + r["failed"] == r["sent"]  # every request accounted for: completed or reported failed
+    # only streams already under way on the killed replica may fail; the router retries every other request
+    assert r["failed_not_streaming_at_kill"] == 0, r
+    assert r["failed"] <= r["streaming_at_kill"], r
+    assert r["completed"] >= r["sent"] - r["streaming_at_kill"], r

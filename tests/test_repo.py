@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from helpers import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-SOURCES = sorted((ROOT / "notebooks").glob("0*.py"))
+SOURCES = sorted((ROOT / "notebooks" / "src").glob("0*.py"))
 
 
 def test_notebooks_are_numbered_and_stripped():
@@ -24,7 +26,7 @@ def test_notebooks_are_numbered_and_stripped():
 
 
 def test_every_notebook_is_built_from_its_source_with_no_diff():
-    """notebooks/NN_name.py (jupytext py:percent) is the source; the .ipynb must hold the same cells."""
+    """notebooks/src/NN_name.py (jupytext py:percent) is the source; the .ipynb must hold the same cells."""
     import jupytext
     import nbformat
 
@@ -73,3 +75,17 @@ def test_no_file_outside_the_repository_is_cited():
     outside = "shared" + "/docs"  # the research notes beside the repository, which users do not have
     for path in [*ROOT.glob("tinyllm_vllm/**/*.py"), *ROOT.glob("tests/*.py")]:
         assert outside not in path.read_text(), path
+
+
+def test_the_plugin_imports_no_doctor_bench_or_harness():
+    """vLLM runs register() in every process it starts: it stays small (the version check is ``versions``)."""
+    code = (
+        "import sys, tinyllm_vllm.plugin as p; p.register(); "
+        "print(sorted(m for m in sys.modules if m.startswith('tinyllm_vllm.')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = r.stdout.strip().splitlines()[-1]
+    assert "tinyllm_vllm.versions" in loaded
+    for heavy in ("tinyllm_vllm.doctor", "tinyllm_vllm.bench", "tinyllm_vllm.testing"):
+        assert heavy not in loaded, loaded

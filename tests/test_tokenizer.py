@@ -5,26 +5,24 @@ from transformers import AutoTokenizer
 
 from tinyllm_vllm.tokenizer import DEFAULT_SYSTEM, training_prompt
 
-from helpers import fixture_path, read_jsonl
+from helpers import data_path, read_jsonl
 
 
 @pytest.fixture(scope="module")
-def tok(prepared_ref):
-    return AutoTokenizer.from_pretrained(prepared_ref)  # no trust_remote_code
+def tok(prepared_tokenizer):
+    return AutoTokenizer.from_pretrained(prepared_tokenizer)  # no trust_remote_code
 
 
 @pytest.mark.parametrize("golden", ["tokenizer_golden.jsonl", "tokenizer_golden_random.jsonl"])
 def test_ids_equal_the_original_tokenizer(tok, golden):
-    cases = read_jsonl(fixture_path(golden))
+    cases = read_jsonl(data_path(golden))
     bad = [c["text"] for c in cases if tok(c["text"])["input_ids"] != c["ids"]]
     bad_ns = [c["text"] for c in cases if tok(c["text"], add_special_tokens=False)["input_ids"] != c["ids_no_special"]]
     assert not bad and not bad_ns, f"{len(bad)}+{len(bad_ns)} of {len(cases)} differ, e.g. {(bad or bad_ns)[:3]!r}"
 
 
 def test_decoding_gives_back_the_text(tok):
-    cases = read_jsonl(fixture_path("tokenizer_golden_random.jsonl")) + read_jsonl(
-        fixture_path("tokenizer_golden.jsonl")
-    )
+    cases = read_jsonl(data_path("tokenizer_golden_random.jsonl")) + read_jsonl(data_path("tokenizer_golden.jsonl"))
     bad = [c["text"] for c in cases if tok.decode(c["ids_no_special"]) != c["text"]]
     assert not bad, bad[:3]
 
@@ -107,7 +105,7 @@ def test_a_streamed_reply_is_its_original_decode(tok, golden):
         [{"role": "user", "content": "介绍一下中国。"}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
     bad = []
-    for case in read_jsonl(fixture_path(golden)):
+    for case in read_jsonl(data_path(golden)):
         stream = DecodeStream(ids=prompt, skip_special_tokens=False)
         text = "".join(piece or "" for piece in (stream.step(tok._tokenizer, i) for i in case["ids_no_special"]))
         if text != case["text"]:

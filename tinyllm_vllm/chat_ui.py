@@ -118,16 +118,21 @@ def launch(
     """Serve the chat page; ``block=True`` serves until Ctrl-C, otherwise it returns at once (a notebook
     shows it inline)."""
     demo = build(client, model)
-    # blocking, Gradio itself prints the address (and the public link) before it serves
+    # Gradio's own banner speaks of launch(share=True); the kit says what its command offers instead
     _, url, share_url = demo.launch(
         server_name=host,
         server_port=port,
         share=share,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         inline=inline,
-        quiet=not block,
+        quiet=True,
         footer_links=[],
     )
     ui = ChatUI(share_url or url, demo)
     print(f"chat page: {url}" + (f" (public link: {share_url})" if share_url else ""), flush=True)
+    if block:
+        if not share:
+            print("a public link: --share; from another machine: --host 0.0.0.0, or an SSH tunnel", flush=True)
+        print("Ctrl-C stops it", flush=True)
+        demo.block_thread()
     return ui

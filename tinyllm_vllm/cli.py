@@ -1,4 +1,4 @@
-"""``tinyllm-vllm``: prepare | demo-model | generate | serve | chat | doctor | bench.
+"""``tinyllm-vllm``: prepare | demo-model | generate | serve | chat | route | doctor | bench.
 
 Results go to stdout; the kit's own progress lines and vLLM's warnings go to stderr. Flags that
 ``serve`` and ``chat`` do not know pass through to ``vllm serve`` as they are
@@ -8,6 +8,7 @@ Results go to stdout; the kit's own progress lines and vLLM's warnings go to std
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ def say(line: str) -> None:
 def _model(arg: str | None, settings: Settings) -> Path:
     from .sources import ensure_model
 
-    path, note = ensure_model(arg or settings.model, settings.home)
+    path, note = ensure_model(arg or settings.model, settings.home, verbose=settings.verbose)
     say(f"model: {note}")
     return path
 
@@ -37,14 +38,29 @@ def cmd_prepare(a: argparse.Namespace, s: Settings) -> None:
 
 
 def cmd_demo_model(a: argparse.Namespace, s: Settings) -> None:
-    from .demo import demo_model
+    from .demo import SHAPE_92M, demo_model, random_model
 
-    print(demo_model(a.out))
+    if a.random_92m:  # what the GPU benchmarks run: speed does not depend on the weights' values
+        print(random_model(a.out, a.random_92m, SHAPE_92M))
+    else:
+        print(demo_model(a.out))
 
 
 def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
     from . import offline
 
+    if a.input:
+        from .batch import BatchJob, run_batch
+
+        if a.prompt:
+            raise TinyllmError("generate: give prompts or --input FILE, not both")
+        job = BatchJob(
+            a.input, a.output, a.engines, a.max_tokens or s.max_tokens, a.temperature, a.top_p, a.seed, a.raw, a.chunk
+        )
+        run_batch(_model(a.model, s), job, s, echo=say)
+        return
+    if not a.prompt:
+        raise TinyllmError("generate: give one or more prompts, or --input prompts.jsonl --output out.jsonl")
     llm = offline.load_llm(_model(a.model, s), s, echo=say)
     try:
         params = offline.sampling(a.max_tokens or s.max_tokens, a.temperature, a.top_p, a.seed)
@@ -55,19 +71,40 @@ def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
         offline.close(llm, echo=say)
 
 
-def _deployment(a: argparse.Namespace, s: Settings, model: Path) -> Any:  # VLLMServer or Replicas
+def _port(a: argparse.Namespace) -> int | None:
+    """--port, or vllm serve's 8000 when it is free; else a free port, said in one line."""
+    from .server import DEFAULT_PORT, port_is_free
+
+    if a.port is not None:
+        return a.port or None  # 0: any free port
+    if port_is_free(a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1", DEFAULT_PORT):
+        return DEFAULT_PORT
+    say(f"port {DEFAULT_PORT} is taken: serving on a free port instead (--port sets one)")
+    return None
+
+
+def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str = "1") -> Any:
     from .deploy import Replicas
+    from .plan import plan
     from .server import VLLMServer
 
-    if a.replicas > 1:
-        return Replicas(
-            model, a.replicas, a.vllm_args, settings=s, host=a.host, port=a.port, api_key=a.api_key, echo=say
-        )
-    return VLLMServer(model, a.vllm_args, settings=s, host=a.host, port=a.port, api_key=a.api_key, echo=say)
+    if replicas != "auto" and not replicas.isdigit():
+        raise TinyllmError(f"--replicas {replicas}: expected a number or auto")
+    n = plan(s, replicas).engines
+    kw = {"settings": s, "host": a.host, "port": _port(a), "echo": say}
+    if n > 1:
+        if a.api_key:
+            say("--api-key: one server instead of replicas (vllm-router passes no key to the servers)")
+        else:
+            return Replicas(model, n, a.vllm_args, **kw)
+    return VLLMServer(model, a.vllm_args, api_key=a.api_key, **kw)
 
 
 def cmd_serve(a: argparse.Namespace, s: Settings) -> None:
-    server = _deployment(a, s, _model(a.model, s))
+    replicas = a.replicas or ("auto" if s.device == "cuda" else "1")
+    if replicas == "auto" and any(f.startswith(("--data-parallel", "--tensor-parallel")) for f in a.vllm_args):
+        replicas = "1"  # vLLM's own parallelism spans the GPUs: one server
+    server = _deployment(a, s, _model(a.model, s), replicas)
     with _stopped_on_exit(server):
         server.start()
         print(f"serving {server.served_model_name} at {server.base_url}; Ctrl-C stops it", flush=True)
@@ -77,10 +114,36 @@ def cmd_serve(a: argparse.Namespace, s: Settings) -> None:
         raise TinyllmError(f"the server exited (log: {server.log_file})")
 
 
-def cmd_chat(a: argparse.Namespace, s: Settings) -> None:
-    from .client import openai_client, stream_chat
+def cmd_route(a: argparse.Namespace, s: Settings) -> None:
+    """vllm-router in front of vLLM servers that run elsewhere (other hosts): one OpenAI endpoint."""
+    import httpx
 
-    server = None if a.url else _deployment(a, s, _model(a.model, s))
+    from . import logs
+    from .deploy import REMOTE_POLICY, REMOTE_POLICY_TEXT, Router, check_worker_urls
+
+    workers = check_worker_urls(a.workers)
+    for url in workers:
+        try:
+            up = httpx.get(url + "/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            up = False
+        say(f"worker {url}: {'healthy' if up else 'not answering yet (the router keeps checking)'}")
+    log = logs.new_log_file(s.logs, "vllm-router")
+    router = Router(workers, host=a.host, port=_port(a), policy=a.policy, log_file=log, router_args=REMOTE_POLICY)
+    router.echo = say
+    with _stopped_on_exit(router):
+        router.start()
+        say(f"policy: {a.policy}; {REMOTE_POLICY_TEXT} (log: {log})")
+        print(f"routing at {router.url}/v1 over {len(workers)} workers; Ctrl-C stops it", flush=True)
+        while router.running:
+            time.sleep(0.5)
+        raise TinyllmError(f"the router exited (log: {log})")
+
+
+def cmd_chat(a: argparse.Namespace, s: Settings) -> None:
+    from .client import openai_client, terminal_chat
+
+    server = None if a.url else _deployment(a, s, _model(a.model, s), a.replicas or "1")
     with _stopped_on_exit(server):
         if server:
             server.start()
@@ -89,27 +152,9 @@ def cmd_chat(a: argparse.Namespace, s: Settings) -> None:
         if a.web:
             from .chat_ui import launch
 
-            launch(client, name, share=a.share, block=True)
+            launch(client, name, host=a.host, share=a.share, block=True)
             return
-        history: list[dict] = []
-        print(f"chatting with {name} (empty line or Ctrl-D to quit)", flush=True)
-        while True:
-            try:
-                question = input("you> ").strip()
-            except EOFError:
-                break
-            if not question:
-                break
-            history.append({"role": "user", "content": question})
-            print("tinyllm> ", end="", flush=True)
-            answer = ""
-            for piece in stream_chat(
-                client, name, history, max_tokens=a.max_tokens or s.max_tokens, temperature=a.temperature, top_p=a.top_p
-            ):
-                answer += piece
-                print(piece, end="", flush=True)
-            print()
-            history.append({"role": "assistant", "content": answer})
+        terminal_chat(client, name, max_tokens=a.max_tokens or s.max_tokens, temperature=a.temperature, top_p=a.top_p)
 
 
 class _stopped_on_exit:
@@ -163,6 +208,12 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
 
     p = sub.add_parser("demo-model", help="write the embedded demo model (published layout)")
     p.add_argument("out")
+    p.add_argument(
+        "--random-92m",
+        metavar="TOKENIZER_MODEL",
+        help="instead: random weights of the published 92M shape with this ChatGLM3 tokenizer.model "
+        "(tests/data/chatglm3_tokenizer/tokenizer.model), for benchmarks",
+    )
     p.set_defaults(fn=cmd_demo_model)
 
     def model_arg(p: argparse.ArgumentParser) -> None:
@@ -173,8 +224,12 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--top-p", type=float, default=1.0)
 
-    p = sub.add_parser("generate", help="offline generation with vllm.LLM")
-    p.add_argument("prompt", nargs="+")
+    p = sub.add_parser("generate", help="offline generation with vllm.LLM: prompts, or a JSONL file in batch")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("--input", type=Path, help='JSONL of {"prompt": ...} or {"messages": [...]} rows')
+    p.add_argument("--output", type=Path, help="with --input: results as JSONL, in input order (resumable)")
+    p.add_argument("--engines", default="auto", help="with --input: engines sharing the GPU (default auto; 1 on a CPU)")
+    p.add_argument("--chunk", type=int, default=256, help="with --input: rows an engine writes out at a time")
     p.add_argument("--raw", action="store_true", help="plain completion instead of the chat format")
     p.add_argument("--seed", type=int)
     model_arg(p)
@@ -184,13 +239,12 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     def server_args(p: argparse.ArgumentParser) -> None:
         model_arg(p)
         p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the server to your network")
-        p.add_argument("--port", type=int)
+        p.add_argument("--port", type=int, help="default 8000 (vllm serve's), or a free port if 8000 is taken")
         p.add_argument("--api-key")
         p.add_argument(
             "--replicas",
-            type=int,
-            default=1,
-            help="N servers sharing the GPU behind vllm-router (each gets 1/N of the memory)",
+            help="N servers sharing the GPU behind vllm-router, each with 1/N of the memory; auto (serve's "
+            "default on a GPU) fills the GPU; 1 is one server",
         )
 
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server on TinyLLM (other flags go to vllm serve)")
@@ -209,8 +263,15 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     p.set_defaults(fn=cmd_chat)
     passthrough.add("chat")
 
-    p = sub.add_parser("doctor", help="versions, device, vLLM build, plugin, prepared model: OK/FAIL")
-    p.add_argument("model_dir", nargs="?")
+    p = sub.add_parser("route", help="vllm-router in front of vLLM servers on other hosts: one endpoint")
+    p.add_argument("--workers", nargs="+", required=True, metavar="URL", help="http://HOST:PORT of each server")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes the router to your network")
+    p.add_argument("--port", type=int, help="default 8000, or a free port if 8000 is taken")
+    p.add_argument("--policy", default="round_robin", choices=["round_robin", "power_of_two", "cache_aware", "random"])
+    p.set_defaults(fn=cmd_route)
+
+    p = sub.add_parser("doctor", help="versions, device, vLLM build, plugin (and a prepared model): OK/FAIL")
+    p.add_argument("model_dir", nargs="?", help="also check that this directory is a prepared model")
     p.set_defaults(fn=cmd_doctor)
 
     p = sub.add_parser("bench", help="benchmarks: offline engines, vLLM's own tools, serving, plots")
@@ -222,6 +283,9 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # a background job of a non-interactive shell starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: Ctrl-C (or kill -INT) must stop the kit's commands however they were started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ap, passthrough = parser()
     a, rest = ap.parse_known_args(argv)
     if rest and a.cmd not in passthrough:

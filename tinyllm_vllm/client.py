@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -32,6 +32,27 @@ def stream_chat(client: openai.OpenAI, model: str, messages: list[dict], **param
             yield piece
 
 
+def terminal_chat(client: openai.OpenAI, model: str, **params: object) -> None:
+    """A chat in the terminal: each reply streamed as it comes, the conversation kept as history."""
+    history: list[dict] = []
+    print(f"chatting with {model} (empty line or Ctrl-D to quit)", flush=True)
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        history.append({"role": "user", "content": question})
+        print("tinyllm> ", end="", flush=True)
+        answer = ""
+        for piece in stream_chat(client, model, history, **params):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": answer})
+
+
 def curl_line(url: str, payload: dict | None = None, api_key: str | None = None) -> str:
     """The curl command equivalent to a request (what a terminal user would type)."""
     parts = ["curl", "-s", url]
@@ -52,6 +73,8 @@ def http_get(base_url: str, path: str, api_key: str | None = None, show: bool = 
     if show:
         print("$", curl_line(url, api_key=api_key))
     r = httpx.get(url, headers=_headers(api_key), timeout=timeout)
+    if show:
+        print(r.text)  # what curl prints
     r.raise_for_status()
     return r.json()
 
@@ -64,6 +87,8 @@ def http_post(
     if show:
         print("$", curl_line(url, payload, api_key))
     r = httpx.post(url, json=payload, headers=_headers(api_key), timeout=timeout)
+    if show:
+        print(r.text)  # what curl prints
     r.raise_for_status()
     return r.json()
 
@@ -90,3 +115,15 @@ def delta_text(event: dict) -> str:
         return ""
     choice = event["choices"][0]
     return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def metric(server: Any, name: str, having: str = "") -> float:
+    """Sum of a Prometheus metric from a server's ``/metrics`` (or any root URL's) over the label sets that
+    contain ``having``."""
+    root = server if isinstance(server, str) else server.url
+    text = httpx.get(root + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {" and having in line
+    )

@@ -2,10 +2,12 @@
 
 A 92M model leaves a GPU mostly idle: one engine is bound by its own host work (scheduling and
 output processing in Python), so N engines side by side, each a full server with 1/N of the GPU's
-memory, serve more. ``Replicas`` starts them one after another (engines that start together on one
-GPU can fail in vLLM's memory profiling), then ``vllm-router`` in front, and stops them together::
+memory, serve more. ``plan`` picks N (``auto``: from CPU cores, GPU memory and the measured useful
+count) and the options that measured best; ``share`` is the one memory-share rule. ``Replicas``
+starts the servers at the same time (each with a fixed KV-cache size, so vLLM's memory profiling does
+not race), then ``vllm-router`` in front, and stops them together::
 
-    with Replicas(model_dir, 4) as endpoint:         # or tinyllm-vllm serve --replicas 4
+    with Replicas(model_dir, "auto") as endpoint:    # or tinyllm-vllm serve (--replicas auto on a GPU)
         client = endpoint.openai_client()
 
 Every server and the router run under the kit's watchdog (``procs``), so all of them stop on
@@ -14,7 +16,6 @@ Every server and the router run under the kit's watchdog (``procs``), so all of 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .errors import ServerError
+from .plan import plan, share
 from .server import ManagedProcess, VLLMServer, free_port
 from .settings import Settings
 
@@ -30,6 +32,32 @@ if TYPE_CHECKING:
     import openai
 
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
+# Servers on other hosts fail in more ways than local replicas: the router retries a request on another worker
+# (3 times, backing off), and a worker that fails 5 times in a row is left out for 30 s, then tried again
+# (closed again after 2 successes); every worker's /health is polled every 2 s.
+REMOTE_POLICY = [
+    "--retry-max-retries", "3",
+    "--cb-failure-threshold", "5",
+    "--cb-timeout-duration-secs", "30",
+    "--cb-success-threshold", "2",
+]  # fmt: skip
+REMOTE_POLICY_TEXT = (
+    "health checks every 2 s; a failed request retried up to 3 times on another worker; a worker that fails "
+    "5 times in a row is left out for 30 s"
+)
+
+
+def check_worker_urls(urls: Sequence[str]) -> list[str]:
+    """Worker base URLs as vllm-router wants them (scheme, host, port; no /v1); a bad one is named."""
+    from urllib.parse import urlparse
+
+    out = []
+    for url in urls:
+        u = urlparse(url)
+        if u.scheme not in ("http", "https") or not u.hostname or not u.port:
+            raise ServerError(f"--workers {url}: expected http://HOST:PORT of a vLLM server")
+        out.append(f"{u.scheme}://{u.hostname}:{u.port}")
+    return out
 
 
 class Router(ManagedProcess):
@@ -94,7 +122,7 @@ class Router(ManagedProcess):
 
     def start(self) -> Router:
         if not self.running:
-            self._launch(self.command(), dict(os.environ))
+            self._launch(self.command(), logs.own_logging_env())
         return self
 
 
@@ -106,7 +134,7 @@ class Replicas:
     def __init__(
         self,
         model: str | Path,
-        n: int,
+        n: int | str = "auto",
         vllm_args: Sequence[str] = (),
         *,
         settings: Settings | None = None,
@@ -118,6 +146,9 @@ class Replicas:
         env: dict[str, str] | None = None,
         echo: Callable[[str], Any] | None = print,
     ) -> None:
+        settings = settings or Settings.from_env()
+        self.plan = plan(settings, n)
+        n = self.plan.engines
         if n < 1:
             raise ServerError(f"--replicas {n}: need at least one")
         if api_key:
@@ -125,12 +156,16 @@ class Replicas:
                 "--api-key with --replicas: vllm-router does not pass a key on to the servers; "
                 "serve the replicas on 127.0.0.1 and put authentication in front of the router"
             )
-        settings = settings or Settings.from_env()
-        # each replica gets 1/n of the memory budget one server would have
-        share = settings.replace(gpu_util=settings.gpu_util / n, kv_cache_gb=settings.kv_cache_gb / n)
         self.settings, self.echo = settings, echo
+        each = share(settings, n)
+        if settings.device == "cuda" and "--api-server-count" not in vllm_args:
+            vllm_args = ["--api-server-count", str(self.plan.api_server_count), *vllm_args]
+        if settings.device == "cuda" and "--distributed-executor-backend" not in vllm_args:
+            vllm_args = ["--distributed-executor-backend", "mp", *vllm_args]
         # the servers say nothing themselves: one line a replica is enough for N of them
-        self.servers = [VLLMServer(model, vllm_args, settings=share, env=env, echo=None) for _ in range(n)]
+        self.servers = [VLLMServer(model, vllm_args, settings=each, env=env, echo=None) for _ in range(n)]
+        for i, server in enumerate(self.servers):
+            server.what = f"replica {i + 1}/{n}"
         self.router = Router(
             [],
             host=host,
@@ -162,15 +197,19 @@ class Replicas:
         return self.router.running and any(s.running for s in self.servers)
 
     def start(self) -> Replicas:
-        """Start the servers one after another, then the router; on any failure stop everything started."""
+        """Start the servers at the same time (each with a fixed memory share), then the router; on any
+        failure stop everything started."""
         t0 = time.monotonic()
+        if self.echo:
+            self.echo(f"starting {self.plan.why}")
         try:
+            for server in self.servers:
+                server.start(wait=False)
             for i, server in enumerate(self.servers):
-                started = time.monotonic()
-                server.start()
+                server.wait_ready()
                 if self.echo:
                     self.echo(
-                        f"replica {i + 1}/{len(self.servers)} ready after {time.monotonic() - started:.0f} s "
+                        f"replica {i + 1}/{len(self.servers)} ready after {time.monotonic() - t0:.0f} s "
                         f"(log: {server.log_file})"
                     )
             self.router.worker_urls = [s.url for s in self.servers]

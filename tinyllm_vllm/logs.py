@@ -50,18 +50,26 @@ def _config(log_file: Path, console: bool) -> dict:
     }
 
 
-def send_vllm_log_to(log_file: Path) -> None:
+LOGGING_VARS = ("VLLM_LOGGING_CONFIG_PATH", "VLLM_CONFIGURE_LOGGING")
+
+
+def own_logging_env() -> dict[str, str]:
+    """This process's environment without a vLLM logging setup meant for another process's log file:
+    what a child that keeps its own log (a server writing to its own file) starts with."""
+    return {k: v for k, v in os.environ.items() if k not in LOGGING_VARS}
+
+
+def send_vllm_log_to(log_file: Path) -> dict[str, str]:
     """vLLM's logger: everything to ``log_file``; warnings and errors of this process also to stderr.
 
-    Child processes started afterwards read the same setup (file only) from ``VLLM_LOGGING_CONFIG_PATH``.
-    """
+    Returns the environment variables that give an engine's helper processes the same setup (file only);
+    ``engine_phase`` sets them only while it starts or stops them, so nothing started later inherits them."""
     child = log_file.with_suffix(".logging.json")
     child.write_text(json.dumps(_config(log_file, console=False)))
-    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(child)
-    os.environ["VLLM_CONFIGURE_LOGGING"] = "1"
     import vllm.logger  # noqa: F401  vLLM configures its logger when first imported; ours goes on top
 
     logging.config.dictConfig(_config(log_file, console=True))
+    return {"VLLM_LOGGING_CONFIG_PATH": str(child), "VLLM_CONFIGURE_LOGGING": "1"}
 
 
 def current_log_file() -> Path | None:
@@ -71,10 +79,13 @@ def current_log_file() -> Path | None:
 
 
 @contextmanager
-def engine_phase(log_file: Path) -> Iterator[list[int]]:
+def engine_phase(log_file: Path, env: dict[str, str] | None = None) -> Iterator[list[int]]:
     """Start or stop an in-process engine quietly: file descriptors 1 and 2 point at ``log_file`` for the
-    processes started inside the block, and this process shows only errors meanwhile. The list it
-    yields gets the number of warnings vLLM logged during the block, for a one-line summary."""
+    processes started inside the block, which also get ``env`` (their logging setup; removed again after
+    the block), and this process shows only errors meanwhile. The list it yields gets the number of
+    warnings vLLM logged during the block, for a one-line summary."""
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
     console = [
         h
         for h in logging.getLogger("vllm").handlers
@@ -102,6 +113,11 @@ def engine_phase(log_file: Path) -> Iterator[list[int]]:
             os.close(fd)
         for h, level in zip(console, levels, strict=True):
             h.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         warnings[0] = _count_warnings(log_file) - before
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import logs
+from . import logs, startup
 from .errors import TinyllmError
 from .settings import Settings
 
@@ -42,18 +42,19 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     """
     settings = settings or Settings.from_env()
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    os.environ.update(startup.cache_env(settings.home))
     args = settings.engine_options() | overrides
     if settings.verbose:
         from vllm import LLM
 
         return LLM(str(model_dir), **args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
-    logs.send_vllm_log_to(log_file)
+    child_env = logs.send_vllm_log_to(log_file)
     if echo:
         echo(f"starting the vLLM engine (log: {log_file})")
     t0 = time.monotonic()
     try:
-        with logs.engine_phase(log_file) as warnings:
+        with logs.engine_phase(log_file, child_env) as warnings, startup.PhaseEcho(log_file, echo):
             from vllm import LLM
 
             llm = LLM(str(model_dir), **args)
@@ -62,8 +63,10 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
         raise TinyllmError(
             f"vLLM engine failed to start: {cause}\n--- last lines of {log_file} ---\n{logs.tail(log_file)}"
         ) from e
+    seconds = time.monotonic() - t0
+    startup.record(settings.home, "offline engine", seconds, log_file)
     if echo:
-        echo(f"engine ready after {time.monotonic() - t0:.0f} s ({_warned(warnings[0])})")
+        echo(f"engine ready after {seconds:.0f} s ({_warned(warnings[0])})")
     return llm
 
 

@@ -33,7 +33,7 @@ def supported_architectures() -> list[str]:
 
 
 def _warn_if_untested_vllm() -> None:
-    from .doctor import check_vllm_version
+    from .versions import check_vllm_version
 
     check = check_vllm_version()
     if not check.ok:

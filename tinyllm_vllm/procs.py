@@ -21,20 +21,40 @@ from pathlib import Path
 POLL_S = 0.2
 
 
-def start_group(cmd: Sequence[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group led by the watchdog, stdout and stderr appended to ``log_file``."""
+def start_group(
+    cmd: Sequence[str], log_file: Path, env: dict[str, str] | None = None, pipes: bool = False
+) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group led by the watchdog, stderr (and stdout) appended to ``log_file``.
+
+    With ``pipes`` the command's stdin and stdout are pipes to the caller (text), for a process that is
+    driven line by line (a benchmark engine waiting for its cue, then printing its result)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         return subprocess.Popen(
             [sys.executable, "-m", "tinyllm_vllm.procs", str(os.getpid()), "--", *cmd],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else log,
+            stderr=log if pipes else subprocess.STDOUT,
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
             env=env,
             start_new_session=True,
+            text=pipes,
         )
+
+
+def run_group(cmd: Sequence[str], log_file: Path, timeout: float, env: dict[str, str] | None = None) -> int | None:
+    """Run ``cmd`` under the watchdog to its end; on a timeout or any error (Ctrl-C included) stop its whole
+    group. Returns the exit code, or None when it ran out of time."""
+    proc = start_group(cmd, log_file, env)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc, grace=5)
+        return None
+    except BaseException:
+        stop_group(proc, grace=2)
+        raise
 
 
 def group_members(pgid: int) -> list[int]:

@@ -15,8 +15,8 @@ and the watchdog stops the group when the process that started it dies.
 
 from __future__ import annotations
 
+import argparse
 import atexit
-import os
 import socket
 import subprocess
 import sys
@@ -28,28 +28,13 @@ from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from . import logs, procs
+from . import logs, procs, startup
 from .errors import ServerError
+from .ports import DEFAULT_PORT, free_port, port_is_free, reserve_port  # noqa: F401  (re-exported)
 from .settings import Settings
 
 if TYPE_CHECKING:
     import openai
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def vllm_command(*args: str) -> list[str]:
@@ -57,14 +42,29 @@ def vllm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "tinyllm_vllm.vllm_cli", *args]
 
 
-def flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value given to ``flag`` in an argument list (``--flag V`` or ``--flag=V``), or None."""
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+def parse_serve_args(args: Sequence[str]) -> argparse.Namespace:
+    """``vllm serve`` arguments read back with vLLM's own parser (as vLLM's ``RemoteOpenAIServer`` does):
+    later flags win, and an unknown or malformed flag is refused here, before anything starts."""
+    import contextlib
+    import io
+
+    from . import vllm_cli  # noqa: F401  (vLLM's version lookup on the CPU build)
+
+    try:
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:  # older vLLM
+        from vllm.utils import FlexibleArgumentParser
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    parser = FlexibleArgumentParser(prog="vllm serve")
+    parser = ServeSubcommand().subparser_init(parser.add_subparsers(required=False, dest="subparser"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(list(args)[1:])  # the subcommand parser: without "serve"
+    except SystemExit:
+        message = (err.getvalue().strip().splitlines() or ["invalid arguments"])[-1]
+        raise ServerError(f"vllm serve {' '.join(args[1:])}: {message.removeprefix('vllm serve: ')}") from None
 
 
 class ManagedProcess:
@@ -79,13 +79,14 @@ class ManagedProcess:
         self.proc: subprocess.Popen | None = None
         self.host = "127.0.0.1"
         self.port: int | None = None
+        self._held: socket.socket | None = None  # the port, held until the process listens on it
         self._finalizer: weakref.finalize | None = None
 
     def _launch(self, cmd: list[str], env: dict[str, str], wait: bool = True, announce: str | None = None) -> None:
         """Start ``cmd`` (which names ``self.port``), echo ``announce``, and with ``wait`` wait until it is ready.
         A taken port is refused before anything starts; on any failure, Ctrl-C included (within about two
         seconds), the process group is stopped again."""
-        if not port_is_free(self.host, self.port):
+        if self._held is None and not port_is_free(self.host, self.port):
             raise ServerError(
                 f"{self.kind} failed: port {self.port} on {self.host} is already in use: "
                 f"pick another port, or stop what listens there"
@@ -105,6 +106,11 @@ class ManagedProcess:
         except BaseException:
             self.stop()
             raise
+
+    def release_port(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def health_url(self) -> str:
         raise NotImplementedError
@@ -128,6 +134,7 @@ class ManagedProcess:
                 raise self.failure(f"exited with code {code} during start-up")
             try:
                 if httpx.get(self.health_url(), timeout=2).status_code == 200:
+                    self.release_port()  # it listens: the port needs holding no longer
                     return
             except httpx.HTTPError:
                 pass
@@ -144,6 +151,7 @@ class ManagedProcess:
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM the process group, SIGKILL after ``grace`` seconds. Idempotent; returns the exit code."""
+        self.release_port()
         if self.proc is None:
             return None
         if self._finalizer is not None:
@@ -185,23 +193,43 @@ class VLLMServer(ManagedProcess):
         self.vllm_args = list(vllm_args)
         self.host, self.port, self.api_key = host, port, api_key
         self.env = env or {}
+        self._args: argparse.Namespace | None = None
+        self._started_at = 0.0
+        self.what = "server"  # what the start record calls it ("replica 2/4" for a replica)
         # the training-format template written by prepare; passed explicitly so the server's log says so
         template = self.model / "chat_template.jinja"
         self.chat_template = template if template.is_file() else None
 
     @property
+    def args(self) -> argparse.Namespace:
+        """The server's arguments as vLLM reads them: the one source of its name, length and port."""
+        if self._args is None:
+            if self.vllm_args:
+                self._args = parse_serve_args(self.command())
+            else:  # nothing to read back: every value is the settings' (and vLLM's parser costs seconds)
+                self.command()
+                self._args = argparse.Namespace(
+                    served_model_name=[self.settings.served_name],
+                    max_model_len=self.settings.max_model_len,
+                    port=self.port,
+                )
+        return self._args
+
+    @property
     def served_model_name(self) -> str:
-        return flag_value(self.vllm_args, "--served-model-name") or self.settings.served_name
+        names = self.args.served_model_name
+        return names[0] if isinstance(names, list) else names or str(self.model)
 
     @property
     def max_model_len(self) -> int:
-        return int(flag_value(self.vllm_args, "--max-model-len") or self.settings.max_model_len)
+        return int(self.args.max_model_len)
 
     def command(self) -> list[str]:
-        """The exact command line the server is started with (a free port is picked if none was given)."""
-        if self.port is None:
-            self.port = free_port(self.host if self.host not in ("0.0.0.0", "::") else "127.0.0.1")
-        cmd = vllm_command(
+        """The ``vllm serve`` arguments the server is started with (a held free port if none was given)."""
+        if self.port is None or self.port == 0:
+            self._held = reserve_port(self.host)
+            self.port = self._held.getsockname()[1]
+        cmd = [
             "serve",
             str(self.model),
             "--served-model-name",
@@ -211,7 +239,7 @@ class VLLMServer(ManagedProcess):
             "--port",
             str(self.port),
             *self.settings.server_flags(),
-        )
+        ]
         if self.chat_template:
             cmd += ["--chat-template", str(self.chat_template)]
         if self.api_key:
@@ -235,18 +263,30 @@ class VLLMServer(ManagedProcess):
         also on Ctrl-C / a Jupyter interrupt, within about two seconds."""
         if self.running:
             return self
-        cmd = self.command()
+        cmd = vllm_command(*self.command())
+        self._args = None
+        if self.args.port != self.port:  # a --port in vllm_args wins, as on vLLM's command line
+            self.release_port()
+            self.port = self.args.port
         if self.log_file is None:
             self.log_file = logs.new_log_file(self.settings.logs, f"vllm-server-{self.port}")
-        env = os.environ | {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
+        # the server logs to its own file: never to a log file an in-process engine set up for itself
+        env = logs.own_logging_env() | startup.cache_env(self.settings.home)
+        env |= {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
         t0 = time.monotonic()
         announce = f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})"
+        self._started_at = t0
         self._launch(cmd, env, wait, announce if wait else None)
-        if not wait:
-            return self
-        if self.echo:
-            self.echo(f"{self.kind} ready after {time.monotonic() - t0:.0f} s")
         return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the server answers on /health, echoing one line per start phase; record the start."""
+        with startup.PhaseEcho(self.log_file, self.echo):
+            super().wait_ready(timeout)
+        seconds = time.monotonic() - self._started_at
+        startup.record(self.settings.home, self.what, seconds, self.log_file, port=self.port)
+        if self.echo:
+            self.echo(f"{self.kind} ready after {seconds:.0f} s")
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -12,6 +12,7 @@ A notebook run under nbmake and a learner's run differ only in environment:
     TINYLLM_MAX_TOKENS   tokens to generate in examples (default 64)
     TINYLLM_KV_CACHE_GB  CPU only: KV-cache size in GiB (default 1)
     TINYLLM_GPU_UTIL     GPU only: fraction of GPU memory vLLM may use (default 0.5)
+    TINYLLM_GPU_KV_CACHE_GB  GPU only: a fixed KV-cache size in GiB instead of sizing it by profiling
     TINYLLM_ENFORCE_EAGER  1 to skip torch.compile / CUDA graphs (default: 1 on CPU, 0 on GPU)
     TINYLLM_SERVED_NAME  model name the server answers to (default tinyllm_92m)
     TINYLLM_VERBOSE      1 to show vLLM's whole log (default: warnings only; the whole log goes to a file)
@@ -41,6 +42,7 @@ ENV = {  # field -> environment variable
     "max_tokens": "TINYLLM_MAX_TOKENS",
     "kv_cache_gb": "TINYLLM_KV_CACHE_GB",
     "gpu_util": "TINYLLM_GPU_UTIL",
+    "gpu_kv_cache_gb": "TINYLLM_GPU_KV_CACHE_GB",
     "enforce_eager": "TINYLLM_ENFORCE_EAGER",
     "served_name": "TINYLLM_SERVED_NAME",
     "verbose": "TINYLLM_VERBOSE",
@@ -95,6 +97,7 @@ class Settings:
     max_tokens: int = 64
     kv_cache_gb: float = 1.0
     gpu_util: float = 0.5
+    gpu_kv_cache_gb: float | None = None
     enforce_eager: bool | None = None
     served_name: str = "tinyllm_92m"
     verbose: bool = False
@@ -137,7 +140,7 @@ class Settings:
                     values[name] = raw.lower() in ("1", "true", "yes", "on")
                 elif kind == "int":
                     values[name] = int(raw)
-                elif kind == "float":
+                elif kind.startswith("float"):
                     values[name] = float(raw)
                 else:
                     values[name] = raw
@@ -169,6 +172,11 @@ class Settings:
             options["kv_cache_memory_bytes"] = int(self.kv_cache_gb * (1 << 30))
         else:
             options["gpu_memory_utilization"] = self.gpu_util
+            # part of vLLM's compile-cache key, and its default differs between vllm.LLM (16384) and vllm serve
+            # (8192 on H100/H200): one value lets the server reuse what the offline engine compiled, and back
+            options["max_num_batched_tokens"] = 16384
+            if self.gpu_kv_cache_gb:
+                options["kv_cache_memory_bytes"] = int(self.gpu_kv_cache_gb * (1 << 30))
         return options
 
     def server_flags(self) -> list[str]:

@@ -125,10 +125,7 @@ def prepare(src: str, out: str | Path, revision: str | None = None) -> Path:
 def demo_note() -> str:
     from .demo import corpus_answers
 
-    return (
-        f"the demo model (a small TinyLLM trained on {len(corpus_answers())} questions of the kit's corpus: "
-        f"it answers those and nothing else)"
-    )
+    return f"the demo model (it answers the {len(corpus_answers())} questions of its corpus, nothing else)"
 
 
 def auto_order() -> list[str]:
@@ -137,8 +134,16 @@ def auto_order() -> list[str]:
     return order[::-1] if _truthy("VLLM_USE_MODELSCOPE") else order
 
 
-def ensure_model(model: str, home: str | Path) -> tuple[Path, str]:
-    """Resolve a ``TINYLLM_MODEL`` value to a prepared checkpoint directory, and say what it is."""
+def _why(failures: list[str], verbose: bool) -> str:
+    """Why the published sources were skipped: in full with ``verbose``, else one short clause."""
+    if verbose:
+        return "; ".join(failures)
+    return "none could be had (TINYLLM_VERBOSE=1 says why)"
+
+
+def ensure_model(model: str, home: str | Path, verbose: bool = False) -> tuple[Path, str]:
+    """Resolve a ``TINYLLM_MODEL`` value to a prepared checkpoint directory, and say what it is in one short
+    line (with ``verbose``, also why other sources were skipped)."""
     home = Path(home).expanduser()
     if model == "demo":
         from .demo import demo_model
@@ -152,10 +157,10 @@ def ensure_model(model: str, home: str | Path) -> tuple[Path, str]:
             except CheckpointError as e:
                 failures.append(str(e))
                 continue
-            skipped = f"; skipped: {'; '.join(failures)}" if failures else ""
+            skipped = f"; skipped: {'; '.join(failures)}" if failures and verbose else ""
             return path, note + skipped
         path, note = ensure_model("demo", home)
-        return path, f"{note}, because no published copy could be had: {'; '.join(failures)}"
+        return path, f"{note}; published copies: {_why(failures, verbose)}"
     if is_prepared(model):
         return Path(model).expanduser().absolute(), f"the prepared checkpoint {model}"
     name = model.removeprefix("modelscope:").rstrip("/").split("/")[-1]

@@ -7,8 +7,6 @@ offline generation with vllm.LLM -> vLLM's OpenAI server as a subprocess -> /v1/
 
 from __future__ import annotations
 
-import json
-
 from . import offline
 from .client import http_get, http_post
 from .server import VLLMServer
@@ -25,7 +23,7 @@ def rule(title: str) -> None:
 def main() -> None:
     s = Settings.from_env()
     rule("1. prepare the checkpoint")
-    model, note = ensure_model(s.model, s.home)
+    model, note = ensure_model(s.model, s.home, verbose=s.verbose)
     print(f"model: {note}\ndirectory: {model}\ndevice: {s.device}, dtype: {s.dtype}")
 
     rule("2. offline generation (vllm.LLM, the plugin's TinyllmForCausalLM)")
@@ -39,7 +37,8 @@ def main() -> None:
     rule("3. vLLM's OpenAI-compatible server (subprocess)")
     with VLLMServer(model, settings=s) as server:
         rule("GET /v1/models")
-        print(json.dumps([m["id"] for m in http_get(server.base_url, "/models", show=True)["data"]]))
+        models = http_get(server.base_url, "/models", show=True)
+        print(f"-> models: {', '.join(m['id'] for m in models['data'])}")
         rule("POST /v1/completions")
         body = http_post(
             server.base_url,
@@ -62,7 +61,7 @@ def main() -> None:
         )
         print(f"-> {body['choices'][0]['message']['content']} ({body['choices'][0]['finish_reason']})")
     rule("done")
-    print(f"server stopped; its log is {server.log_file}")
+    print(f"server stopped (the curl lines above need a running one: tinyllm-vllm serve); log: {server.log_file}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """``tinyllm-vllm bench``: offline engines, vLLM's own tools, serving through replicas, a profile, plots.
 
+tinyllm-vllm bench one-gpu --json results/gpu/one_gpu.json          # the headline: is the whole GPU used?
+tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headline keys, rebuilt from its runs
+tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
 tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
 tinyllm-vllm bench offline --workload fixed --input-len 128 --output-len 128 --json fixed.json
 tinyllm-vllm bench vllm-throughput --workload chat --json vllm_bench.json
@@ -20,8 +23,15 @@ from .workload import ChatLike, Fixed
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["offline", "vllm-throughput", "serve", "profile", "plot"])
-    p.add_argument("inputs", nargs="*", help="plot: result JSON files")
+    p.add_argument(
+        "what", choices=["one-gpu", "walkthrough", "offline", "vllm-throughput", "serve", "profile", "plot", "report"]
+    )
+    p.add_argument(
+        "inputs", nargs="*", help="plot, report: result JSON files; walkthrough: notebook names (default all)"
+    )
+    p.add_argument("--serve-requests", type=int, default=4096, help="one-gpu: requests per serving level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu: requests in flight")
+    p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")
     p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
     p.add_argument("--workload", choices=["chat", "fixed"], default="chat")
     p.add_argument("--requests", type=int, default=1024)
@@ -56,18 +66,40 @@ def distribution(a: argparse.Namespace) -> ChatLike | Fixed:
 def run(a: argparse.Namespace, s: Settings) -> None:
     from . import report
 
+    if a.what == "report":  # the headline keys of committed results, rebuilt from their runs
+        from .onegpu import summarized
+
+        for f in a.inputs:
+            path = Path(f)
+            path.write_text(json.dumps(summarized(json.loads(path.read_text())), indent=2, ensure_ascii=False) + "\n")
+            print(f"rebuilt {path}")
+        return
     if a.what == "plot":
         results = [report.load(f) for f in a.inputs]
         print(report.plot_offline([r for r in results if r["kind"] == "offline"], a.png or "bench.png"))
         return
     from ..sources import ensure_model
 
-    model, note = ensure_model(a.model or s.model, s.home)
+    model, note = ensure_model(a.model or s.model, s.home, verbose=s.verbose)
     print(f"[bench] model: {note}", file=sys.stderr)
     out_dir = Path(a.json).parent if a.json else s.home / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     engine_args = s.engine_options() | a.engine_args
-    if a.what == "offline":
+    if a.what == "one-gpu":
+        from .onegpu import one_gpu
+
+        result = one_gpu(
+            model, s, out_dir / "one-gpu-work", a.requests, a.serve_requests, tuple(a.levels), tuple(a.hf_batch_sizes)
+        )
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    elif a.what == "walkthrough":
+        from .walkthrough import walkthrough
+
+        result = walkthrough(model, s.home, a.inputs, Path(a.executed) if a.executed else None)
+        print(json.dumps({k: result[k] for k in ("runs", "total_s")}, indent=2))
+        for st in result["starts"]:
+            print(f"{st['notebook']}: {st['what']} {st['seconds']} s{' (cold)' if st['cold'] else ''}")
+    elif a.what == "offline":
         from .compare import offline
 
         result = offline(
@@ -80,6 +112,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
             hf_batch_sizes=a.hf_batch_sizes,
             as_vllm_bench=a.as_vllm_bench,
             engines_per_gpu=a.engines_per_gpu,
+            settings=s,
         )
         print(report.offline_table(result))
     elif a.what == "vllm-throughput":
@@ -105,10 +138,11 @@ def run(a: argparse.Namespace, s: Settings) -> None:
             print(f"\n{name}\n{report.serving_table([lv for lv in levels if 'error' not in lv])}")
     else:
         from .compare import prepare_workload
+        from .engines import EngineSpec
         from .profile import profile_engine
 
         workload, _ = prepare_workload(model, distribution(a), out_dir)
-        spec = {"model": str(model), "workload": str(workload), "engine": "plugin", "engine_args": engine_args}
+        spec = EngineSpec(str(model), str(workload), "plugin", engine_args)
         result = {"kind": "profile"} | profile_engine(spec, a.seconds, out_dir / "profile.raw.txt")
         print(json.dumps(result.get("summary", result), indent=2))
     if a.json:

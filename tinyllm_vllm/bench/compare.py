@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..settings import Settings
 from . import workload as wl
-from .engines import ENGINES, run_engine
+from .engines import ENGINES, EngineSpec, run_engine
 from .sharing import run_engines_sharing_gpu
 
 
@@ -64,6 +66,8 @@ def offline(
     as_vllm_bench: bool = False,
     timeout: float = 1800,
     engines_per_gpu: int = 1,
+    hf_caches: tuple[str, ...] = ("dynamic",),
+    settings: Settings | None = None,
     progress: Callable[[str], Any] = print,
 ) -> dict:
     """Time each engine on the workload, each in its own process. Returns the results dict."""
@@ -71,18 +75,19 @@ def offline(
     if unknown:
         raise ValueError(f"unknown engine(s) {sorted(unknown)}; expected some of {ENGINES}")
     path, description = prepare_workload(model, dist, out_dir)
-    spec = {
-        "model": str(model),
-        "workload": str(path),
-        "engine_args": engine_args,
-        "repeats": repeats,
-        "hf_batch_sizes": list(hf_batch_sizes),
-    }
+    spec = EngineSpec(
+        str(model),
+        str(path),
+        engine_args=engine_args,
+        repeats=repeats,
+        hf_batch_sizes=tuple(hf_batch_sizes),
+        hf_caches=tuple(hf_caches),
+    )
     results = {}
     for engine in engines:
-        one = spec | {"engine": engine, "as_vllm_bench": as_vllm_bench and engine == "plugin"}
+        one = replace(spec, engine=engine, as_vllm_bench=as_vllm_bench and engine == "plugin")
         if engines_per_gpu > 1 and engine in ("plugin", "qwen2"):
-            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu)
+            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu, settings or Settings.from_env())
         else:
             results[engine] = run_engine(one, timeout=timeout)
         r = results[engine]

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from . import engines
@@ -95,16 +96,18 @@ def busy(raw: str | Path, seconds: float, rate: int) -> dict[str, float]:
     return {name: round(c / ticks, 3) for name, c in count.most_common()}
 
 
-def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float = 2.0, rate: int = 100) -> dict:
+def profile_engine(
+    spec: engines.EngineSpec, seconds: float, out_raw: str | Path, delay: float = 2.0, rate: int = 100
+) -> dict:
     """Run ``spec`` (a vLLM engine, see ``engines``) and record it with py-spy for ``seconds`` once warm.
 
     Returns the engine's result, the py-spy command and the summary of the engine core's samples."""
-    log = tempfile.TemporaryFile("w+")
-    engine = engines.start_lockstep(spec | {"repeats": 1}, log)
+    log = Path(tempfile.mkstemp(prefix="bench-profile-", suffix=".log")[1])
+    engine = engines.start_lockstep(replace(spec, repeats=1), log)
     try:
         if not engines.ready(engine):
-            log.seek(0)
-            raise RuntimeError("engine to profile failed to start:\n" + "\n".join(log.read().splitlines()[-20:]))
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(f"engine to profile failed to start (log: {log}):\n{tail}")
         cmd = [
             py_spy(),
             "record",
@@ -128,7 +131,6 @@ def profile_engine(spec: dict, seconds: float, out_raw: str | Path, delay: float
         result = engines.result_of(engine) or {"error": "the engine gave no result"}
     finally:
         engines.stop(engine)
-        log.close()
     if recorder.returncode != 0 or not Path(out_raw).exists():
         return {
             "error": f"py-spy failed (exit {recorder.returncode}): {recorder.stderr.strip()[-500:]}",

@@ -119,35 +119,36 @@ def plot_offline(results: list[dict], png: str | Path, title: str | None = None)
     return Path(png)
 
 
-def plot_serving(panels: list[tuple[str, dict[str, list[dict]]]], png: str | Path, title: str) -> Path:
-    """One panel per (title, {configuration: levels}): output tok/s of each configuration, one bar per
-    concurrency level, with the best level's number on top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    widths = [len(runs) for _, runs in panels]
-    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) * 1.6 + 1, 4.8), width_ratios=widths, squeeze=False)
-    for ax, (name, runs) in zip(axes[0], panels, strict=True):
-        concurrencies = sorted({lv["concurrency"] for levels in runs.values() for lv in levels})
-        width = 0.8 / len(concurrencies)
-        for j, c in enumerate(concurrencies):
-            values = [next((x["output_tok_s"] for x in lv if x["concurrency"] == c), 0) for lv in runs.values()]
-            ax.bar([i + j * width for i in range(len(runs))], values, width, label=f"{c} in flight")
-        for i, levels in enumerate(runs.values()):
-            best = max(lv["output_tok_s"] for lv in levels)
-            ax.text(i + width * (len(concurrencies) - 1) / 2, best, f"{best / 1000:.1f}k", ha="center", va="bottom")
-        ax.set_xticks([i + width * (len(concurrencies) - 1) / 2 for i in range(len(runs))])
-        ax.set_xticklabels([label.replace(" + ", "\n+ ") for label in runs], fontsize=8)
-        ax.set_ylabel("output tokens / s (vllm bench serve)")
-        ax.set_title(name, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return Path(png)
+def one_gpu_table(result: dict) -> str:
+    """``bench one-gpu``'s result as two small tables: offline engines, then serving through one endpoint."""
+    off, summ = result["runs"]["offline"], result
+    names = {
+        "single_engine": "one engine, vLLM defaults",
+        "single_engine_mp": "one engine, mp executor",
+        "best": f"{summ['best_offline']['engines']} engines side by side (the kit's one-GPU plan)",
+        "qwen2": "vLLM's Qwen2 class, one engine",
+        "transformers": "transformers at its best ({cache} cache, batch {batch_size})".format(
+            **summ["transformers_best_settings"]
+        ),
+    }
+    rows = ["| offline | useful tok/s | GPU busy |", "|---|---:|---:|"]
+    for key, label in names.items():
+        r = off.get(key)
+        if r and "useful_tok_s" in r:
+            busy = (r.get("runs") or [{}])[-1].get("gpu_busy")
+            rows.append(f"| {label} | {r['useful_tok_s']:,.0f} | {'-' if busy is None else f'{busy:.0%}'} |")
+    rows += [
+        "",
+        "| through one endpoint | in flight | output tok/s | TTFT p99 | overlap |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in (("single_server", "one vllm serve"), ("replicas", "replicas behind vllm-router")):
+        for lv in result["runs"]["serving"][key]["levels"]:
+            rows.append(
+                f"| {label} | {lv['concurrency']} | {lv['output_tok_s']:,.0f} | {lv['ttft_ms_p99'] / 1000:.1f} s | "
+                f"{lv['client_overlap']:.0%} |"
+            )
+    return "\n".join(rows)
 
 
 def load(path: str | Path) -> dict:

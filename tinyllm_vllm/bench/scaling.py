@@ -5,8 +5,8 @@ is far from the limit either way), and the router is started in front of the fir
 them in turn, so every number comes from the same servers in the same run. One warm-up run through
 all of them comes first: the first traffic a server sees is slower (seen: 21k against 33k output
 tok/s on an H100), and it would otherwise land on whichever configuration is measured first.
-``vllm bench serve`` measures each level; where one client process cannot keep up, several run side
-by side.
+Each level is a barrier-started load from several client processes (``load``); a level whose clients
+did not run together is marked invalid and not counted.
 """
 
 from __future__ import annotations
@@ -19,34 +19,31 @@ from typing import Any
 from .. import logs
 from ..deploy import Replicas, Router
 from ..settings import Settings
-from . import vllm_tools
+from . import load
 from .compare import machine
 
 
-def clients_for(concurrency: int, per_client: int = 128, most: int = 4) -> int:
-    """Client processes for a concurrency level: one asyncio client drives about ``per_client`` streams."""
+def clients_for(concurrency: int, per_client: int = 256, most: int = 8) -> int:
+    """Client processes for a concurrency level: one asyncio client drives a few hundred streams easily."""
     return max(1, min(most, math.ceil(concurrency / per_client)))
 
 
 def levels(
     url: str,
     name: str,
-    model: str | Path,
     workload: Path,
     concurrencies: Sequence[int],
     progress: Callable[[str], Any],
     label: str,
 ) -> list[dict]:
     out = []
+    rows = load.rows_for(workload)
     for c in concurrencies:
-        r = vllm_tools.serve(url, name, model, workload, c, clients=clients_for(c))
-        if "error" in r:
-            progress(f"[scaling] {label}, concurrency {c}: {r['error'].splitlines()[0]}")
-            out.append({"concurrency": c, "error": r["error"]})
-            continue
+        r = load.measured_level(url, name, rows, c, clients_for(c))
         progress(
             f"[scaling] {label}, concurrency {c}: {r['output_tok_s']:,.0f} output tok/s, TTFT p50 "
-            f"{r['ttft_ms_p50']:.0f} ms, {r['failed']} failed ({r['clients']} client processes)"
+            f"{r['ttft_ms_p50'] or 0:.0f} ms, {r['failed']} failed, clients overlapped {r['client_overlap']:.0%}"
+            + ("" if r["valid"] else " (INVALID: not counted)")
         )
         out.append(r)
     return out
@@ -78,20 +75,18 @@ def replicas_scaling(
     runs = result["runs"]
     with Replicas(model, max(counts), vllm_args, settings=settings, echo=progress) as fleet:
         name = fleet.served_model_name
-        result["warm_up"] = levels(fleet.url, name, model, workload, concurrencies[:1], progress, "warm-up")
-        runs["1 server (no router)"] = levels(
-            fleet.servers[0].url, name, model, workload, concurrencies, progress, "1 server"
-        )
+        result["warm_up"] = levels(fleet.url, name, workload, concurrencies[:1], progress, "warm-up")
+        runs["1 server (no router)"] = levels(fleet.servers[0].url, name, workload, concurrencies, progress, "1 server")
         if save:
             save(result)
         for n in counts:
             label = f"{n} replica{'s' if n > 1 else ''} + router"
             if n == len(fleet.servers):  # the fleet's own router already fronts all of them
-                runs[label] = levels(fleet.url, name, model, workload, concurrencies, progress, f"{n} replicas")
+                runs[label] = levels(fleet.url, name, workload, concurrencies, progress, f"{n} replicas")
             else:
                 urls, log = [s.url for s in fleet.servers[:n]], logs.new_log_file(settings.logs, "vllm-router")
                 with Router(urls, log_file=log, echo=None) as router:
-                    runs[label] = levels(router.url, name, model, workload, concurrencies, progress, f"{n} replicas")
+                    runs[label] = levels(router.url, name, workload, concurrencies, progress, f"{n} replicas")
             if save:
                 save(result)
         if after:
@@ -103,12 +98,12 @@ def summary(scaling: dict) -> dict:
     """``single_server_tok_s`` and, per replica count, tok/s and TTFT at the highest concurrency."""
 
     def best(levels: list[dict]) -> float:
-        return max((lv["output_tok_s"] for lv in levels if "output_tok_s" in lv), default=0.0)
+        return max((lv["output_tok_s"] for lv in levels if lv.get("valid")), default=0.0)
 
     single = best(scaling["runs"]["1 server (no router)"])
     replicas = {}
     for name, lv in scaling["runs"].items():
-        measured = [x for x in lv if "output_tok_s" in x]
+        measured = [x for x in lv if x.get("valid")]
         if "router" not in name or not measured:
             continue
         top = measured[-1]

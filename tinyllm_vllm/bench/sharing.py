@@ -2,9 +2,10 @@
 
 One engine of a 92M model is bound by its own host work (a py-spy profile on an H100: its engine core
 thread busy 84% of the time, scheduling and bookkeeping), so k engines, each with its own processes
-and CPU cores, serve more. The engines start one after
-another (engines started at the same moment on one GPU failed in vLLM's start-up, 2 of 3 tries on
-an H200), warm up, and then run each repeat together; a repeat lasts as long as its slowest engine.
+and CPU cores, serve more. The engines start at the
+same time (each with a fixed KV-cache size from ``plan.share``, so vLLM's memory profiling in one
+does not see the others), warm up, and then run each repeat together; a repeat lasts as long as its
+slowest engine.
 """
 
 from __future__ import annotations
@@ -12,47 +13,48 @@ from __future__ import annotations
 import statistics
 import subprocess
 import tempfile
+from dataclasses import replace
+from pathlib import Path
 
+from ..plan import share
+from ..settings import Settings
 from . import engines
+from .engines import EngineSpec
 
 
-def run_engines_sharing_gpu(spec: dict, k: int) -> dict:
-    """``spec`` as for ``engines.run_engine`` (a vLLM engine); returns the combined result."""
-    args = dict(spec["engine_args"])
-    args["gpu_memory_utilization"] = args.get("gpu_memory_utilization", 0.8) / k
-    logs = [tempfile.TemporaryFile("w+") for _ in range(k)]
-    procs: list[subprocess.Popen] = []
+def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dict:
+    """``spec`` as for ``engines.run_engine`` (a vLLM engine), each engine with its ``plan.share`` of
+    ``settings``' memory; returns the combined result."""
+    args = spec.engine_args | share(settings, k).engine_options()
+    folder = Path(tempfile.mkdtemp(prefix="bench-sharing-"))
+    logs = [folder / f"engine-{i + 1}-of-{k}.log" for i in range(k)]
+    started: list[subprocess.Popen] = []
 
     def failure(i: int, what: str) -> RuntimeError:
-        logs[i].seek(0)
-        return RuntimeError(
-            f"engine {i + 1}/{k} sharing the GPU {what}:\n" + "\n".join(logs[i].read().splitlines()[-30:])
-        )
+        tail = "\n".join(logs[i].read_text(errors="replace").splitlines()[-30:]) if logs[i].exists() else ""
+        return RuntimeError(f"engine {i + 1}/{k} sharing the GPU {what} (log: {logs[i]}):\n{tail}")
 
     try:
+        # started together: each has a fixed memory share (``plan.share``), so none profiles the others
         for i, log in enumerate(logs):
-            procs.append(engines.start_lockstep(spec | {"engine_args": args, "shard": [i, k]}, log))
-            if not engines.ready(procs[i]):
-                raise failure(i, f"exited with code {procs[i].wait()}")
-        for r in range(spec.get("repeats", 1)):
+            started.append(engines.start_lockstep(replace(spec, engine_args=args, shard=(i, k)), log))
+        for _ in range(spec.repeats):
             for i in range(k):
-                if r > 0 and not engines.ready(procs[i]):
-                    raise failure(i, f"exited with code {procs[i].wait()}")
-            for p in procs:  # every engine warmed up and waiting
+                if not engines.ready(started[i]):
+                    raise failure(i, f"exited with code {started[i].wait()}")
+            for p in started:  # every engine warmed up and waiting
                 engines.go(p)
         results = []
-        for i, p in enumerate(procs):
+        for i, p in enumerate(started):
             result = engines.result_of(p)
             if result is None:
                 raise failure(i, f"failed with exit code {p.returncode}")
             results.append(result)
     finally:
-        for p in procs:
+        for p in started:
             engines.stop(p)
-        for log in logs:
-            log.close()
     runs = []
-    for j in range(spec.get("repeats", 1)):
+    for j in range(spec.repeats):
         timed = [[x for x in r["runs"] if x["label"] == "harness"][j] for r in results]
         elapsed = max(x["elapsed_s"] for x in timed)
         useful = sum(x["useful_tokens"] for x in timed)
@@ -63,6 +65,7 @@ def run_engines_sharing_gpu(spec: dict, k: int) -> dict:
                 "useful_tokens": useful,
                 "useful_tok_s": useful / elapsed,
                 "requests_s": sum(x["requests_s"] * x["elapsed_s"] for x in timed) / elapsed,
+                "gpu_busy": max((x.get("gpu_busy") or 0 for x in timed), default=None),
             }
         )
     return {

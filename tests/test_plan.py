@@ -1,0 +1,47 @@
+"""The one-GPU plan and the one memory-share rule, on the numbers a GPU box would report."""
+
+import pytest
+
+from tinyllm_vllm import plan as planning
+from tinyllm_vllm.settings import Settings
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    monkeypatch.setattr(planning, "gpu_memory_gib", lambda: 139.8)
+
+    def cores(n):
+        monkeypatch.setattr(planning.os, "sched_getaffinity", lambda pid: set(range(n)))
+
+    return cores
+
+
+def test_auto_fills_a_gpu_as_far_as_the_cores_allow(h200):
+    settings = Settings(device="cuda")
+    h200(16)
+    p = planning.plan(settings)
+    assert (p.engines, p.api_server_count) == (4, 2) and p.engine_options == {"distributed_executor_backend": "mp"}
+    assert "16 CPU cores allow 4" in p.why
+    h200(8)
+    assert planning.plan(settings).engines == 2
+    h200(64)  # more cores: still the measured useful count
+    assert planning.plan(settings).engines == planning.USEFUL_ENGINES_PER_GPU
+
+
+def test_a_number_is_taken_as_given(h200):
+    h200(16)
+    assert planning.plan(Settings(device="cuda"), "2").engines == 2
+
+
+def test_on_a_cpu_auto_is_one_engine():
+    assert planning.plan(Settings(device="cpu")).engines == 1
+
+
+def test_each_engine_gets_its_share_as_a_fixed_kv_cache(h200):
+    settings = Settings(device="cuda", gpu_util=0.8)
+    each = planning.share(settings, 4).engine_options()
+    assert each["gpu_memory_utilization"] == pytest.approx(0.2)
+    assert each["kv_cache_memory_bytes"] == int(139.8 * 0.8 / 4 / 2 * (1 << 30))
+    cpu = planning.share(Settings(device="cpu", kv_cache_gb=1.0), 2).engine_options()
+    assert cpu["kv_cache_memory_bytes"] == 1 << 29
+    assert planning.share(settings, 1) is settings

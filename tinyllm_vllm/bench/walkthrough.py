@@ -1,0 +1,74 @@
+"""``tinyllm-vllm bench walkthrough``: the notebooks as a learner runs them, timed -> walkthrough.json
+
+Runs the numbered notebooks under nbmake in one fresh kit home (so the first start of each engine
+configuration compiles, and later ones may reuse the cache), then reads back how long each notebook
+took (pytest's JUnit report) and every engine, server and replica start the kit recorded
+(``startup.record``: seconds, phases from vLLM's log, cold or not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .compare import machine
+
+
+def walkthrough(
+    model: str | Path, home: Path, notebooks: list[str], executed: Path | None = None, folder: Path | None = None
+) -> dict:
+    """Run the notebooks (default: every ``0*.ipynb`` in ``folder``, the repository's ``notebooks/``)."""
+    NOTEBOOKS = (folder or Path.cwd() / "notebooks").resolve()
+    if not NOTEBOOKS.is_dir():
+        from ..errors import TinyllmError
+
+        raise TinyllmError(f"{NOTEBOOKS}: no notebooks folder here (run from the repository's root)")
+    names = notebooks or sorted(p.stem for p in NOTEBOOKS.glob("0*.ipynb"))
+    junit = home / "walkthrough-junit.xml"
+    env = os.environ | {"TINYLLM_MODEL": str(model), "TINYLLM_HOME": str(home)}
+    if executed:
+        env["TINYLLM_EXECUTED_DIR"] = str(executed)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbmake-timeout=900", f"--junitxml={junit}"]
+    cmd += [str(NOTEBOOKS / f"{n}.ipynb") for n in names]
+    t = time.time()
+    done = subprocess.run(cmd, env=env, cwd=NOTEBOOKS.parent)
+    runs = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        name = case.get("name").removesuffix(".ipynb")
+        runs[name] = {"passed": failure is None, "seconds": round(float(case.get("time")), 1)}
+        if failure is not None:
+            runs[name]["failure"] = (failure.get("message") or "")[:2000]
+    starts = []
+    log = home / "logs" / "starts.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        entry = json.loads(line)
+        # which notebook it ran in: the one whose run spans its time
+        entry["notebook"] = _notebook_at(entry["at"], t, runs)
+        starts.append({k: entry[k] for k in ("notebook", "what", "seconds", "cold", "phases")})
+    return {
+        "kind": "walkthrough",
+        "machine": machine(),
+        "model": str(model),
+        "command": " ".join(["pytest", *cmd[3:]]),
+        "runs": runs,
+        "total_s": round(sum(r["seconds"] for r in runs.values()), 1),
+        "starts": starts,
+        "pytest_exit": done.returncode,
+    }
+
+
+def _notebook_at(at: float, t0: float, runs: dict) -> str | None:
+    clock = t0
+    for name, r in runs.items():  # JUnit lists the notebooks in the order they ran, one after another
+        clock += r["seconds"]
+        if at <= clock + 1:
+            return name
+    return None

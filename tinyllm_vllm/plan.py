@@ -1,0 +1,77 @@
+"""How many engines share one GPU, with which options (``plan``), and the one memory-share rule (``share``).
+
+``tinyllm-vllm serve`` (``--replicas auto`` on a GPU), ``generate --input`` and ``bench one-gpu`` all use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .settings import Settings
+
+# What fills one GPU with this model, as measured on an H200 (results/gpu/one_gpu.json): one engine is paced
+# by its own CPU threads and leaves most of the card idle; 4 side by side keep it busy, and more add nothing.
+USEFUL_ENGINES_PER_GPU = 4
+CORES_PER_REPLICA = 4  # busy processes of one replica: its API servers, the engine core, the GPU worker
+GIB_PER_ENGINE = 8  # weights, activations, CUDA graphs and a KV cache ample for 1024 sequences of this model
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How many engines share the machine's GPU, with which options, and why (one line)."""
+
+    engines: int
+    api_server_count: int
+    engine_options: dict[str, Any]
+    why: str
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory of the first GPU in GiB (nvidia-smi), or None without one."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True
+    ).stdout.split()
+    return float(out[0]) / 1024 if out else None
+
+
+def plan(settings: Settings, engines: int | str = "auto") -> GpuPlan:
+    """Engines for one GPU: ``auto`` takes the fewest of what the CPU cores, the GPU memory and the measured
+    useful count allow. On a CPU there is one engine: its cores are the limit already."""
+    cores = len(os.sched_getaffinity(0))
+    if settings.device != "cuda":
+        n = 1 if engines == "auto" else int(engines)
+        return GpuPlan(n, 1, {}, f"{n} engine{'s' if n > 1 else ''} on the CPU ({cores} cores)")
+    memory = gpu_memory_gib() or 0.0
+    by_cores = max(1, cores // CORES_PER_REPLICA)
+    by_memory = max(1, int(memory * settings.gpu_util // GIB_PER_ENGINE))
+    if engines == "auto":
+        n = min(by_cores, by_memory, USEFUL_ENGINES_PER_GPU)
+        why = (
+            f"{n} engines: {cores} CPU cores allow {by_cores}, {memory * settings.gpu_util:.0f} GiB of GPU memory "
+            f"allow {by_memory}, and more than {USEFUL_ENGINES_PER_GPU} were measured to add nothing"
+        )
+    else:
+        n, why = int(engines), f"{engines} engines, as asked"
+    api_servers = max(1, min(4, cores // n - 2))
+    # the model runs in its own worker process, so the engine core schedules the next step meanwhile
+    return GpuPlan(n, api_servers, {"distributed_executor_backend": "mp"}, why + f"; {api_servers} API servers each")
+
+
+def share(settings: Settings, n: int) -> Settings:
+    """The one memory-share rule for ``n`` engines on one device: each gets 1/n of the budget. On a GPU the
+    share is also a fixed KV-cache size, so the engines can start at the same time (vLLM sizes the cache
+    by profiling memory otherwise, and engines profiling together see each other's allocations)."""
+    if n == 1:
+        return settings
+    if settings.device == "cpu":
+        return settings.replace(kv_cache_gb=settings.kv_cache_gb / n)
+    memory = gpu_memory_gib()
+    kv = memory * settings.gpu_util / n / 2 if memory else None  # half of each share for the KV cache
+    return settings.replace(gpu_util=settings.gpu_util / n, gpu_kv_cache_gb=kv)
