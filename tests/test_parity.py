@@ -31,7 +31,7 @@ def test_vllm_plugin_matches_goldens(reference_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "tinyllm_vllm.parity",
+            "tinyllm_vllm.testing.parity",
             str(reference_dir),
             "--dtype",
             "float32",
