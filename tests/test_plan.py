@@ -45,3 +45,10 @@ def test_each_engine_gets_its_share_as_a_fixed_kv_cache(h200):
     cpu = planning.share(Settings(device="cpu", kv_cache_gb=1.0), 2).engine_options()
     assert cpu["kv_cache_memory_bytes"] == 1 << 29
     assert planning.share(settings, 1) is settings
+
+
+def test_a_bad_count_is_named():
+    from tinyllm_vllm.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="'lots' engines or replicas: expected a number"):
+        planning.plan(Settings(device="cpu"), "lots")

@@ -88,8 +88,6 @@ def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str =
     from .plan import plan
     from .server import VLLMServer
 
-    if replicas != "auto" and not replicas.isdigit():
-        raise TinyllmError(f"--replicas {replicas}: expected a number or auto")
     n = plan(s, replicas).engines
     kw = {"settings": s, "host": a.host, "port": _port(a), "echo": say}
     if n > 1:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SettingsError
 from .settings import Settings
 
 # What fills one GPU with this model, as measured on an H200 (results/gpu/one_gpu.json): one engine is paced
@@ -44,6 +45,8 @@ def gpu_memory_gib() -> float | None:
 def plan(settings: Settings, engines: int | str = "auto") -> GpuPlan:
     """Engines for one GPU: ``auto`` takes the fewest of what the CPU cores, the GPU memory and the measured
     useful count allow. On a CPU there is one engine: its cores are the limit already."""
+    if engines != "auto" and not (str(engines).isdigit() and int(engines) >= 1):
+        raise SettingsError(f"{engines!r} engines or replicas: expected a number of at least 1, or auto")
     cores = len(os.sched_getaffinity(0))
     if settings.device != "cuda":
         n = 1 if engines == "auto" else int(engines)
