@@ -151,7 +151,7 @@ async def _stream_many(
     base_url: str, model: str, n: int, max_tokens: int, hang_up_after: int | None, streaming: set | None = None
 ) -> dict:
     """n streaming completions; with ``hang_up_after`` each client closes its connection after that many chunks.
-    ``streaming`` gets the index of each request once its first chunk has arrived; ``failed_ids`` lists failures."""
+    ``streaming`` gets the index of each request once its response has begun; ``failed_ids`` lists failures."""
     results: dict = {"complete": 0, "failed": 0, "hung_up": 0, "failed_ids": []}
     streaming = set() if streaming is None else streaming
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
@@ -172,11 +172,11 @@ async def _stream_many(
                         results["failed"] += 1
                         results["failed_ids"].append(i)
                         return
+                    streaming.add(i)  # the response has begun: a replica holds it, no router can move it now
                     chunks, done = 0, False
                     async for line in r.aiter_lines():
                         if line.startswith("data: "):
                             chunks += 1
-                            streaming.add(i)
                             done = line == "data: [DONE]"
                             if hang_up_after is not None and chunks >= hang_up_after:
                                 results["hung_up"] += 1
@@ -223,7 +223,7 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
         "sent": n,
         "completed": r["complete"],
         "failed": r["failed"],
-        # a stream already under way on the killed replica cannot be moved; any other request can be retried
+        # a response already begun on the killed replica cannot be moved; any other request can be retried
         "streaming_at_kill": len(at_kill),
         "failed_not_streaming_at_kill": len(set(r["failed_ids"]) - at_kill),
         "lost": n - r["complete"],
