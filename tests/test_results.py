@@ -43,3 +43,24 @@ def test_readme_quotes_one_gpu_json():
 def test_serving_levels_ran_together_and_lost_nothing():
     s = _summary()["serving"]
     assert s["client_overlap_min"] >= 0.9 and s["failed"] == 0
+
+
+def _starts():
+    return json.loads((ROOT / "results" / "gpu" / "starts.json").read_text())
+
+
+def test_the_starts_summary_is_rebuilt_from_the_starts_unchanged():
+    from tinyllm_vllm.bench.starts import summarized
+
+    committed = _starts()
+    assert summarized(json.loads(json.dumps(committed))) == committed
+
+
+def test_readmes_quote_starts_json():
+    s = _starts()["summary"]
+    keys = ("first_start_s", "later_start_s", "server_after_offline_s", "replicas_all_ready_s", "O0_first_start_s")
+    for readme in (ROOT / "README.md", ROOT / "results" / "gpu" / "README.md"):
+        text = readme.read_text()
+        for key in keys:
+            assert f"{s[key]:.1f} s" in text or f"| {s[key]:.1f} |" in text, f"{readme.name}: {key} {s[key]} not quoted"
+    assert s["server_compile_cache_hit"] is True and s["replicas"] == 4

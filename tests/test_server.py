@@ -1,6 +1,7 @@
 """vLLM's real OpenAI server as a subprocess: endpoints over HTTP and openai, streaming, readable replies,
 the server handle's lifecycle."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -34,6 +35,16 @@ def ref_server(prepared_ref, cpu_settings):
 def test_models_endpoint(demo_server):
     body = http_get(demo_server.base_url, "/models")
     assert [m["id"] for m in body["data"]] == ["tinyllm_92m"]
+
+
+def test_the_start_is_recorded_as_a_timeline(demo_server):
+    # every start the kit makes is split into segments from vLLM's own log lines, which add up to the wait
+    records = [json.loads(line) for line in (demo_server.settings.logs / "starts.jsonl").read_text().splitlines()]
+    (start,) = [r for r in records if r["log"] == str(demo_server.log_file)]
+    timeline = start["timeline"]
+    assert list(timeline)[:2] == ["process_s", "cuda_init_s"] and timeline["process_s"] > 1, timeline
+    assert sum(timeline.values()) == pytest.approx(start["seconds"], abs=1.5), timeline
+    assert start["cold"] is False and start["phases"]["weights_s"] >= 0  # eager on the CPU: nothing compiled
 
 
 def test_engine_process_used_the_plugin(demo_server):

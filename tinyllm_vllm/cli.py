@@ -8,6 +8,7 @@ Results go to stdout; the kit's own progress lines and vLLM's warnings go to std
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -98,11 +99,39 @@ def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str =
     return VLLMServer(model, a.vllm_args, api_key=a.api_key, **kw)
 
 
+def _ray(a: argparse.Namespace, s: Settings, model: Path, replicas: str) -> Any:
+    """``serve --ray``: the app on Ray Serve LLM, or with --print-config its Ray Serve config (no Ray needed)."""
+    import importlib.util
+
+    from .cluster import RayServe, serve_config
+
+    if a.vllm_args:
+        raise TinyllmError(
+            f"--ray: {' '.join(a.vllm_args)}: vLLM flags are not passed to Ray Serve LLM; "
+            "use --print-config and edit engine_kwargs"
+        )
+    autoscale = tuple(a.autoscale) if a.autoscale else None
+    if a.print_config:
+        print(json.dumps(serve_config(model, s, replicas, autoscale), indent=2))
+        return None
+    if s.device != "cuda" or importlib.util.find_spec("ray") is None:
+        raise TinyllmError(
+            "--ray needs Ray Serve LLM and the CUDA build of vLLM 0.26: pip install 'tinyllm-vllm[cuda,ray]' "
+            "(on the CPU build Ray Serve LLM does not import; --print-config shows the app's config)"
+        )
+    return RayServe(
+        model, replicas, settings=s, address=a.ray_address, host=a.host, port=_port(a), autoscale=autoscale, echo=say
+    )
+
+
 def cmd_serve(a: argparse.Namespace, s: Settings) -> None:
     replicas = a.replicas or ("auto" if s.device == "cuda" else "1")
     if replicas == "auto" and any(f.startswith(("--data-parallel", "--tensor-parallel")) for f in a.vllm_args):
         replicas = "1"  # vLLM's own parallelism spans the GPUs: one server
-    server = _deployment(a, s, _model(a.model, s), replicas)
+    ray = a.ray or a.ray_address or a.print_config or a.autoscale
+    server = _ray(a, s, _model(a.model, s), replicas) if ray else _deployment(a, s, _model(a.model, s), replicas)
+    if server is None:
+        return
     with _stopped_on_exit(server):
         server.start()
         print(f"serving {server.served_model_name} at {server.base_url}; Ctrl-C stops it", flush=True)
@@ -247,6 +276,11 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
 
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server on TinyLLM (other flags go to vllm serve)")
     server_args(p)
+    ray = p.add_argument_group("Ray Serve LLM (the CUDA build of vLLM 0.26 and the ray extra)")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve LLM: --replicas on one GPU")
+    ray.add_argument("--ray-address", help="join this Ray cluster (ray start --head ...) instead of starting one")
+    ray.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), help="replicas between MIN and MAX")
+    ray.add_argument("--print-config", action="store_true", help="print the app's Ray Serve config and exit")
     p.set_defaults(fn=cmd_serve)
     passthrough.add("serve")
 

@@ -126,6 +126,11 @@ class Router(ManagedProcess):
         return self
 
 
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    """Whether ``args`` set ``flag``, as ``--flag VALUE`` or ``--flag=VALUE``."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
 class Replicas:
     """N vLLM servers of one model sharing the machine's GPU, behind ``vllm-router``: one endpoint."""
 
@@ -158,9 +163,9 @@ class Replicas:
             )
         self.settings, self.echo = settings, echo
         each = share(settings, n)
-        if settings.device == "cuda" and "--api-server-count" not in vllm_args:
+        if settings.device == "cuda" and not _has_flag(vllm_args, "--api-server-count"):
             vllm_args = ["--api-server-count", str(self.plan.api_server_count), *vllm_args]
-        if settings.device == "cuda" and "--distributed-executor-backend" not in vllm_args:
+        if settings.device == "cuda" and not _has_flag(vllm_args, "--distributed-executor-backend"):
             vllm_args = ["--distributed-executor-backend", "mp", *vllm_args]
         # the servers say nothing themselves: one line a replica is enough for N of them
         self.servers = [VLLMServer(model, vllm_args, settings=each, env=env, echo=None) for _ in range(n)]

@@ -14,6 +14,7 @@ A notebook run under nbmake and a learner's run differ only in environment:
     TINYLLM_GPU_UTIL     GPU only: fraction of GPU memory vLLM may use (default 0.5)
     TINYLLM_GPU_KV_CACHE_GB  GPU only: a fixed KV-cache size in GiB instead of sizing it by profiling
     TINYLLM_ENFORCE_EAGER  1 to skip torch.compile / CUDA graphs (default: 1 on CPU, 0 on GPU)
+    TINYLLM_OPTIMIZATION_LEVEL  GPU only: vLLM's -O level, 0-3 (default: vLLM's, 2); 1 compiles less at start
     TINYLLM_SERVED_NAME  model name the server answers to (default tinyllm_92m)
     TINYLLM_VERBOSE      1 to show vLLM's whole log (default: warnings only; the whole log goes to a file)
 
@@ -44,6 +45,7 @@ ENV = {  # field -> environment variable
     "gpu_util": "TINYLLM_GPU_UTIL",
     "gpu_kv_cache_gb": "TINYLLM_GPU_KV_CACHE_GB",
     "enforce_eager": "TINYLLM_ENFORCE_EAGER",
+    "optimization_level": "TINYLLM_OPTIMIZATION_LEVEL",
     "served_name": "TINYLLM_SERVED_NAME",
     "verbose": "TINYLLM_VERBOSE",
 }
@@ -99,6 +101,7 @@ class Settings:
     gpu_util: float = 0.5
     gpu_kv_cache_gb: float | None = None
     enforce_eager: bool | None = None
+    optimization_level: int | None = None
     served_name: str = "tinyllm_92m"
     verbose: bool = False
 
@@ -114,6 +117,8 @@ class Settings:
                 raise SettingsError(f"{ENV[name]}={getattr(self, name)}: must be at least {low}")
         if self.kv_cache_gb <= 0:
             raise SettingsError(f"{ENV['kv_cache_gb']}={self.kv_cache_gb}: must be more than 0")
+        if self.optimization_level is not None and self.optimization_level not in (0, 1, 2, 3):
+            raise SettingsError(f"{ENV['optimization_level']}={self.optimization_level}: expected 0, 1, 2 or 3")
         if not 0 < self.gpu_util <= 1:
             raise SettingsError(f"{ENV['gpu_util']}={self.gpu_util}: must be a fraction in (0, 1]")
         if self.device == "auto":
@@ -138,7 +143,7 @@ class Settings:
             try:
                 if "bool" in kind:
                     values[name] = raw.lower() in ("1", "true", "yes", "on")
-                elif kind == "int":
+                elif kind.startswith("int"):
                     values[name] = int(raw)
                 elif kind.startswith("float"):
                     values[name] = float(raw)
@@ -177,6 +182,8 @@ class Settings:
             options["max_num_batched_tokens"] = 16384
             if self.gpu_kv_cache_gb:
                 options["kv_cache_memory_bytes"] = int(self.gpu_kv_cache_gb * (1 << 30))
+            if self.optimization_level is not None:
+                options["optimization_level"] = self.optimization_level
         return options
 
     def server_flags(self) -> list[str]:

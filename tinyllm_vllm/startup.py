@@ -24,7 +24,7 @@ from typing import Any
 NUM = r"([\d.]+)"
 # (phase, pattern in vLLM's log, what the learner reads); the first match of each phase is echoed
 PHASES = [
-    ("weights", rf"Model loading took .*? and {NUM} s", "weights loaded in {0} s"),
+    ("weights", rf"(?:Model loading took .*? and|Loading weights took) {NUM} s", "weights loaded in {0} s"),
     (
         "compile",
         r"Dynamo bytecode transform time|Compiling a graph for dynamic shape",
@@ -37,6 +37,21 @@ PHASES = [
     ("api_server", r"Starting vLLM API server|Application startup complete", "API server starting"),
 ]
 LOG_TIME = re.compile(r"(\d\d-\d\d \d\d:\d\d:\d\d)")
+# The start as a timeline: each segment ends at the first log line matching its pattern (vLLM stamps every
+# line to the second), so the segments add up to the whole wait, the parts vLLM does not time included.
+TIMELINE = [
+    ("process_s", r"Initializing a V1 LLM engine"),  # Python, vLLM imports, config; the API server's too
+    (
+        "cuda_init_s",
+        r"Starting to load model|Loading model from scratch",
+    ),  # the worker process, CUDA context, torch.distributed
+    ("weights_s", r"Model loading took|Loading weights took"),
+    ("compile_s", r"torch\.compile takes|Directly load the compiled graph|Available KV cache memory"),
+    ("memory_kv_s", r"GPU KV cache size|CPU KV cache size|Available KV cache memory"),
+    ("cuda_graphs_s", r"Graph capturing finished|init engine \(profile"),
+    ("warmup_s", r"init engine \(profile"),
+    ("api_server_s", r"Application startup complete"),
+]
 
 
 def cache_env(home: Path) -> dict[str, str]:
@@ -45,6 +60,31 @@ def cache_env(home: Path) -> dict[str, str]:
     if os.environ.get("VLLM_CACHE_ROOT"):
         return {}
     return {"VLLM_CACHE_ROOT": str(Path(home) / "vllm-cache")}
+
+
+def _stamp(line: str, year: int) -> float | None:
+    m = LOG_TIME.search(line)
+    if not m:
+        return None
+    return time.mktime(time.strptime(f"{year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S"))
+
+
+def timeline(log_text: str, started: float, ready: float) -> dict[str, float]:
+    """Seconds per segment of a start from the wall-clock times of vLLM's log lines, between ``started``
+    (the launch) and ``ready``; ``rest_s`` is what follows the last segment found (the caller's own wait)."""
+    year = time.localtime(started).tm_year
+    lines = log_text.splitlines()
+    out: dict[str, float] = {}
+    clock, i = started, 0
+    for name, pattern in TIMELINE:
+        for j in range(i, len(lines)):
+            if re.search(pattern, lines[j]) and (at := _stamp(lines[j], year)) is not None:
+                # stamps are whole seconds: a segment can read up to 1 s short, never below zero
+                out[name] = round(max(0.0, min(at, ready) - clock), 1)
+                clock, i = max(clock, min(at, ready)), j
+                break
+    out["rest_s"] = round(max(0.0, ready - clock), 1)
+    return out
 
 
 def phases(log_text: str) -> dict[str, float | bool]:
@@ -57,6 +97,13 @@ def phases(log_text: str) -> dict[str, float | bool]:
     out["compiled"] = bool(re.search(PHASES[1][1], log_text))
     out["compile_cache_hit"] = "compile_cached_s" in out
     return out
+
+
+def cold_of(p: dict) -> bool | None:
+    """Whether a start compiled from scratch, from its ``phases``; None when its log held no start lines."""
+    if "weights_s" not in p:
+        return None
+    return bool(p.get("compiled")) and not p.get("compile_cache_hit")
 
 
 class PhaseEcho:
@@ -103,9 +150,10 @@ class PhaseEcho:
 def record(home: Path, what: str, seconds: float, log_file: Path | None, **extra: Any) -> dict:
     """Append one start to ``<home>/logs/starts.jsonl`` and return it."""
     text = log_file.read_text(errors="replace") if log_file and log_file.exists() else ""
-    entry = {"what": what, "seconds": round(seconds, 1), "at": time.time(), "log": str(log_file)}
-    entry |= extra | {"phases": phases(text)}
-    entry["cold"] = bool(entry["phases"].get("compiled")) and not entry["phases"].get("compile_cache_hit")
+    now = time.time()
+    entry = {"what": what, "seconds": round(seconds, 1), "at": now, "log": str(log_file)}
+    entry |= extra | {"phases": phases(text), "timeline": timeline(text, now - seconds, now)}
+    entry["cold"] = cold_of(entry["phases"])
     folder = Path(home) / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "starts.jsonl", "a") as f:

@@ -3,6 +3,8 @@
 tinyllm-vllm bench one-gpu --json results/gpu/one_gpu.json          # the headline: is the whole GPU used?
 tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headline keys, rebuilt from its runs
 tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
+tinyllm-vllm bench starts --json results/gpu/starts.json            # where an engine's start goes
+tinyllm-vllm bench ray --json results/gpu/ray_serve.json            # Ray Serve LLM against the kit's replicas
 tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
 tinyllm-vllm bench offline --workload fixed --input-len 128 --output-len 128 --json fixed.json
 tinyllm-vllm bench vllm-throughput --workload chat --json vllm_bench.json
@@ -24,7 +26,19 @@ from .workload import ChatLike, Fixed
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "what", choices=["one-gpu", "walkthrough", "offline", "vllm-throughput", "serve", "profile", "plot", "report"]
+        "what",
+        choices=[
+            "one-gpu",
+            "walkthrough",
+            "starts",
+            "ray",
+            "offline",
+            "vllm-throughput",
+            "serve",
+            "profile",
+            "plot",
+            "report",
+        ],
     )
     p.add_argument(
         "inputs", nargs="*", help="plot, report: result JSON files; walkthrough: notebook names (default all)"
@@ -67,11 +81,13 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     from . import report
 
     if a.what == "report":  # the headline keys of committed results, rebuilt from their runs
-        from .onegpu import summarized
+        from . import onegpu, starts
 
         for f in a.inputs:
             path = Path(f)
-            path.write_text(json.dumps(summarized(json.loads(path.read_text())), indent=2, ensure_ascii=False) + "\n")
+            result = json.loads(path.read_text())
+            result = (starts.summarized if result.get("kind") == "starts" else onegpu.summarized)(result)
+            path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             print(f"rebuilt {path}")
         return
     if a.what == "plot":
@@ -99,6 +115,15 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         print(json.dumps({k: result[k] for k in ("runs", "total_s")}, indent=2))
         for st in result["starts"]:
             print(f"{st['notebook']}: {st['what']} {st['seconds']} s{' (cold)' if st['cold'] else ''}")
+    elif a.what == "starts":
+        from .starts import starts
+
+        result = starts(model, s, out_dir / "starts-work", a.requests)
+    elif a.what == "ray":
+        from .ray_serve import ray_vs_router
+
+        result = ray_vs_router(model, s, out_dir / "ray-work", a.serve_requests, tuple(a.levels))
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "offline":
         from .compare import offline
 

@@ -17,6 +17,7 @@ the two can be compared within one engine.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,13 @@ class EngineSpec:
 
 
 VLLM_ENGINES = ("plugin", "qwen2")
+
+
+def _env() -> dict[str, str]:
+    # vLLM logs to stdout by default, which is the pipe that carries an engine's result: its log goes to the file
+    return os.environ | {"VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+
+
 WARM_UP = 512  # requests every vLLM engine runs before it is timed (the first traffic of an engine is slower)
 
 
@@ -106,6 +114,7 @@ def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
     t0 = time.perf_counter()
     llm = LLM(spec.model, **args)
     start_s = time.perf_counter() - t0
+    ready_at = time.time()
     useful = sum(r["output_tokens"] for r in rows)
     runs = []
 
@@ -129,6 +138,7 @@ def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
     timed = [r for r in runs if r["label"] == "harness"]
     return {
         "engine_start_s": start_s,
+        "ready_at": ready_at,
         "runs": runs,
         "useful_tok_s": statistics.median(r["useful_tok_s"] for r in timed),
         "requests_s": statistics.median(r["requests_s"] for r in timed),
@@ -156,7 +166,7 @@ def start_lockstep(spec: EngineSpec, log: Path) -> subprocess.Popen:
 
     It runs under the kit's watchdog in its own process group (``procs``), so its engine core goes down
     with it, also when this process dies; its log goes to ``log``."""
-    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, pipes=True)
+    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, _env(), pipes=True)
     proc.stdin.write(replace(spec, lockstep=True).to_json() + "\n")
     proc.stdin.flush()
     return proc
@@ -192,7 +202,7 @@ def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None)
     import tempfile
 
     log = log or Path(tempfile.mkstemp(prefix=f"bench-{spec.engine}-", suffix=".log")[1])
-    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, pipes=True)
+    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, _env(), pipes=True)
     try:
         out, _ = proc.communicate(spec.to_json() + "\n", timeout=timeout)
     except subprocess.TimeoutExpired:

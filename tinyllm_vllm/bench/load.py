@@ -51,6 +51,7 @@ async def _client(url: str, model: str, rows: list[dict], concurrency: int, star
             }
             async with sem:
                 rec: dict[str, Any] = {"sent": time.time(), "first": None, "tokens": 0, "error": None}
+                rec["asked"] = row["output_tokens"]
                 try:
                     async with http.post(url + "/v1/completions", json=body) as r:
                         if r.status != 200:
@@ -65,7 +66,7 @@ async def _client(url: str, model: str, rows: list[dict], concurrency: int, star
                                     rec["first"] = time.time()
                                 if event.get("usage"):
                                     rec["tokens"] = event["usage"]["completion_tokens"]
-                except (aiohttp.ClientError, TimeoutError) as e:
+                except (aiohttp.ClientError, TimeoutError, ValueError) as e:  # ValueError: a stream cut mid-event
                     rec["error"] = f"{type(e).__name__}: {e}"
                 rec["end"] = time.time()
                 records.append(rec)
@@ -135,6 +136,8 @@ def summarize(results: list[dict], concurrency: int) -> dict:
         "requests": len(recs),
         "completed": len(ok),
         "failed": len(recs) - len(ok),
+        # answered without an error, yet fewer tokens than asked (ignore_eos): a stream the server cut short
+        "incomplete": sum(1 for r in ok if r["tokens"] < r.get("asked", 0)),
         "errors": sorted({r["error"] for r in recs if r["error"]})[:5],
         "duration_s": span,
         "output_tokens": tokens,
@@ -149,6 +152,17 @@ def summarize(results: list[dict], concurrency: int) -> dict:
     }
     level["valid"] = level["client_overlap"] >= MIN_OVERLAP and level["failed"] == 0
     return level
+
+
+def clients_for(concurrency: int) -> int:
+    """Client processes for a level: one per 256 streams in flight (one asyncio client drives a few hundred
+    easily), at most one per 4 CPU cores (the servers need the rest) and 8, at least 2 (so overlap means
+    something)."""
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    return max(2, min(8, cores // 4, math.ceil(concurrency / 256)))
 
 
 def rows_for(workload: str | Path) -> list[dict]:

@@ -15,7 +15,6 @@ In one run on one machine, on one chat-like workload:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,7 +33,7 @@ from .sharing import run_engines_sharing_gpu
 from .workload import ChatLike
 
 
-def _serving(endpoint: Any, rows: list[dict], warm: list[dict], levels: list[int], clients: int) -> dict:
+def serve_levels(endpoint: Any, rows: list[dict], warm: list[dict], levels: list[int], clients: int) -> dict:
     name = endpoint.served_model_name
     load.run_load(endpoint.url, name, warm, min(256, len(warm)), clients)  # first traffic is slower: not counted
     out = []
@@ -84,15 +83,15 @@ def one_gpu(
     )
     warm_path, _ = prepare_workload(model, ChatLike(requests=1024, seed=4), out_dir / "warm")
     rows, warm = load.rows_for(serve_path), load.rows_for(warm_path)
-    clients = max(2, min(8, len(os.sched_getaffinity(0)) // 4))
+    clients = load.clients_for(max(levels))
     serving = runs["serving"] = {"workload": serve_description, "clients": clients}
     with VLLMServer(model, settings=settings, echo=progress) as server:
-        serving["single_server"] = _serving(server, rows, warm, list(levels[:1]), clients)
-    progress(f"[one-gpu] one server: {_best(serving['single_server']):,.0f} output tok/s")
+        serving["single_server"] = serve_levels(server, rows, warm, list(levels[:1]), clients)
+    progress(f"[one-gpu] one server: {best_tok_s(serving['single_server']):,.0f} output tok/s")
     with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
-        serving["replicas"] = _serving(fleet, rows, warm, list(levels), clients)
+        serving["replicas"] = serve_levels(fleet, rows, warm, list(levels), clients)
         serving["replicas"] |= {"replicas": len(fleet.servers), "api_server_count": gpu.api_server_count}
-    progress(f"[one-gpu] {gpu.engines} replicas + router: {_best(serving['replicas']):,.0f} output tok/s")
+    progress(f"[one-gpu] {gpu.engines} replicas + router: {best_tok_s(serving['replicas']):,.0f} output tok/s")
     return summarized(result)
 
 
@@ -107,7 +106,7 @@ def summarized(result: dict) -> dict:
     return head | summary(result) | {"runs": result["runs"]}
 
 
-def _best(run: dict) -> float:
+def best_tok_s(run: dict) -> float:
     return max((lv["output_tok_s"] for lv in run["levels"] if lv["valid"]), default=0.0)
 
 
@@ -131,7 +130,7 @@ def summary(r: dict) -> dict:
         "transformers_best_settings": {"cache": hf.get("cache"), "batch_size": hf.get("batch_size")},
         "qwen2_useful_tok_s": off["qwen2"].get("useful_tok_s"),
         "serving": {
-            "single_server_tok_s": _best(srv["single_server"]),
+            "single_server_tok_s": best_tok_s(srv["single_server"]),
             "best": {
                 "replicas": srv["replicas"]["replicas"],
                 "api_server_count": srv["replicas"]["api_server_count"],

@@ -11,7 +11,6 @@ did not run together is marked invalid and not counted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,6 @@ from ..deploy import Replicas, Router
 from ..settings import Settings
 from . import load
 from .compare import machine
-
-
-def clients_for(concurrency: int, per_client: int = 256, most: int = 8) -> int:
-    """Client processes for a concurrency level: one asyncio client drives a few hundred streams easily."""
-    return max(1, min(most, math.ceil(concurrency / per_client)))
 
 
 def levels(
@@ -39,7 +33,7 @@ def levels(
     out = []
     rows = load.rows_for(workload)
     for c in concurrencies:
-        r = load.measured_level(url, name, rows, c, clients_for(c))
+        r = load.measured_level(url, name, rows, c, load.clients_for(c))
         progress(
             f"[scaling] {label}, concurrency {c}: {r['output_tok_s']:,.0f} output tok/s, TTFT p50 "
             f"{r['ttft_ms_p50'] or 0:.0f} ms, {r['failed']} failed, clients overlapped {r['client_overlap']:.0%}"

@@ -52,7 +52,9 @@ def walkthrough(
         entry = json.loads(line)
         # which notebook it ran in: the one whose run spans its time
         entry["notebook"] = _notebook_at(entry["at"], t, runs)
-        starts.append({k: entry[k] for k in ("notebook", "what", "seconds", "cold", "phases")})
+        starts.append(
+            {k: entry[k] for k in ("notebook", "what", "seconds", "cold", "phases", "timeline") if k in entry}
+        )
     return {
         "kind": "walkthrough",
         "machine": machine(),

@@ -1,0 +1,128 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,-jupytext.text_representation
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Beyond one machine: Ray Serve LLM, a router over hosts, Kubernetes
+#
+# **Goal:** serve TinyLLM from a Ray cluster through Ray Serve LLM, and see the two other ways out of one
+# machine: `vllm-router` over servers on several hosts, and Kubernetes.
+# **Runtime:** seconds on a CPU; about two minutes on a GPU.
+#
+# **On a CPU this notebook is a dry run of the configuration only.** Ray Serve LLM 2.58 runs with the CUDA
+# build of vLLM 0.26 (`pip install 'tinyllm-vllm[cuda,ray]'`); next to the CPU build it does not import.
+# There the notebook builds and checks the app's config and skips the steps that start Ray.
+#
+# The step that trips most custom models on Ray: a model registered in the driver only is "not found"
+# in Ray's workers. The kit registers TinyLLM through vLLM's plugin entry point, which vLLM loads in
+# every process it starts, Ray's workers included, on every node where the package is installed.
+
+# %% tags=["parameters"]
+import importlib.util
+import os
+
+from tinyllm_vllm.settings import Settings
+
+settings = Settings.from_env()
+REPLICAS = os.environ.get("TINYLLM_REPLICAS", "auto" if settings.device == "cuda" else "2")
+RAY = settings.device == "cuda" and importlib.util.find_spec("ray") is not None
+print("Ray Serve LLM:", "runs here" if RAY else "config only here (needs the CUDA build of vLLM 0.26 and ray)")
+
+# %%
+from tinyllm_vllm.sources import ensure_model
+
+model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
+print("model:", note)
+
+# %% [markdown]
+# ## 1. The app as a Ray Serve config
+# One `LLMConfig` made from the kit's settings: the prepared model, the same engine arguments as every
+# other engine the kit starts (each replica with 1/N of the memory), N replicas each on a fraction of
+# one GPU. Saved as a file, it is what `serve run` deploys on any Ray cluster, with no Python of yours.
+
+# %%
+import json
+
+from tinyllm_vllm.cluster import serve_config
+
+config = serve_config(model_dir, settings, REPLICAS)
+llm = config["applications"][0]["args"]["llm_configs"][0]
+config_file = settings.home / "tinyllm-serve.json"
+config_file.write_text(json.dumps(config, indent=2))
+print("replicas:", llm["deployment_config"], "| each on:", llm["placement_group_config"]["bundles"][0])
+print("engine:", {k: llm["engine_kwargs"][k] for k in ("dtype", "max_model_len", "model_impl")})
+print(f"saved: {config_file}  ->  serve run {config_file.name}")
+
+# %% [markdown]
+# ## 2. Serve it through Ray Serve LLM
+# `RayServe` starts a Ray on this machine (or joins one: `address="auto"`), deploys the app and waits
+# until every replica's engine is up. The endpoint speaks the same OpenAI API as `vllm serve`.
+# `tinyllm-vllm serve --ray` does the same from a shell.
+
+# %%
+from tinyllm_vllm.cluster import RayServe
+
+app = RayServe(model_dir, REPLICAS, settings=settings).start() if RAY else None
+print(app.base_url if app else "skipped: no Ray Serve LLM on this machine")
+
+# %% [markdown]
+# ## 3. The four calls every client makes
+# The model list, a completion, a chat reply and a streamed chat reply, with the `openai` client.
+
+# %%
+if app:
+    client = app.openai_client()
+    print("models:", [m.id for m in client.models.list().data])
+    done = client.completions.create(model=app.served_model_name, prompt="你好", max_tokens=16, temperature=0)
+    print("completion:", done.choices[0].text)
+    ask = [{"role": "user", "content": "介绍一下中国。"}]
+    chat = client.chat.completions.create(model=app.served_model_name, messages=ask, max_tokens=32, temperature=0)
+    print("chat:", chat.choices[0].message.content)
+    stream = client.chat.completions.create(
+        model=app.served_model_name, messages=ask, max_tokens=32, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == chat.choices[0].message.content
+    print("streamed: the same reply, in", len(streamed), "characters")
+
+# %% [markdown]
+# ## 4. Many machines
+# **Ray:** start Ray on each machine, then deploy the same app to the cluster. Install the package (with
+# the `cuda,ray` extras) on every node, and give every node the prepared model at the same path (or a
+# shared filesystem):
+#
+#     ray start --head                          # on the first machine
+#     ray start --address HEAD_IP:6379          # on each other machine
+#     tinyllm-vllm serve --ray --ray-address auto --replicas 8 --host 0.0.0.0
+#
+# **vllm-router over hosts:** run `tinyllm-vllm serve` on each machine, then one router in front:
+# `tinyllm-vllm route --workers http://host1:8000 http://host2:8000`. Its failure policy:
+
+# %%
+from tinyllm_vllm.deploy import REMOTE_POLICY_TEXT
+
+print(REMOTE_POLICY_TEXT)
+
+# %% [markdown]
+# **Kubernetes:** the repository's `deploy/` folder holds an image (vLLM's own plus this package) and a
+# Deployment with readiness on `/health`, a Service and a HorizontalPodAutoscaler; `make test` checks the
+# manifests with `kubernetes-validate`.
+#
+# ## 5. Stop everything
+# Ray Serve shuts the app down, the Ray this notebook started stops, and any Ray process left of it is
+# stopped too (all of them carry one environment mark).
+
+# %%
+from tinyllm_vllm.cluster import marked
+
+if app:
+    app.stop()
+    assert not marked(app.token), "Ray processes left"
+print("stopped" if app else "nothing was started")

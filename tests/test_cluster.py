@@ -1,0 +1,87 @@
+"""Ray Serve LLM: the app's config from the kit's settings, `serve --ray` on a machine without it, the sweep.
+
+Ray Serve LLM 2.58 imports only next to the CUDA build of vLLM 0.26; here (the CPU build) the config is
+made and checked, and the command says what it needs. The GPU run is ``tinyllm-vllm bench ray``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tinyllm_vllm.cluster import MARK, marked, serve_config, sweep
+from tinyllm_vllm.errors import ServerError
+from tinyllm_vllm.plan import share
+from tinyllm_vllm.settings import Settings
+
+
+def _llm(config: dict) -> dict:
+    (app,) = config["applications"]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app" and app["route_prefix"] == "/"
+    (llm,) = app["args"]["llm_configs"]
+    return llm
+
+
+def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
+    gpu = Settings(device="cuda", home=tmp_path, gpu_util=0.8)
+    llm = _llm(serve_config(demo_dir, gpu, 4))
+    assert llm["deployment_config"] == {"num_replicas": 4}
+    assert llm["placement_group_config"] == {"bundles": [{"CPU": 1, "GPU": 0.25}]}
+    # vLLM's Ray worker asks for VLLM_RAY_PER_WORKER_GPUS of a GPU: it must fit the bundle
+    env = llm["runtime_env"]["env_vars"]
+    assert env["VLLM_RAY_PER_WORKER_GPUS"] == "0.25" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
+    expected = share(gpu, 4).engine_options()
+    assert expected.pop("distributed_executor_backend", None) is None  # Ray Serve LLM picks its executor
+    assert {k: v for k, v in llm["engine_kwargs"].items() if k != "chat_template"} == expected
+    assert llm["engine_kwargs"]["gpu_memory_utilization"] == pytest.approx(0.2)
+    assert llm["engine_kwargs"]["chat_template"] == str(demo_dir / "chat_template.jinja")
+    assert llm["model_loading_config"] == {"model_id": "tinyllm_92m", "model_source": str(demo_dir.resolve())}
+
+
+def test_autoscaling_bounds_and_a_bad_pair(demo_dir, tmp_path):
+    gpu = Settings(device="cuda", home=tmp_path)
+    llm = _llm(serve_config(demo_dir, gpu, "auto", autoscale=(1, 4)))
+    assert llm["deployment_config"] == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    assert llm["placement_group_config"]["bundles"][0]["GPU"] == 0.25  # sized for the most replicas
+    with pytest.raises(ServerError, match=r"--autoscale 3 2: expected 1 <= MIN <= MAX"):
+        serve_config(demo_dir, gpu, "auto", autoscale=(3, 2))
+
+
+def test_print_config_and_ray_without_ray(tmp_path):
+    env = os.environ | {"TINYLLM_HOME": str(tmp_path), "TINYLLM_MODEL": "demo"}
+    cli = [sys.executable, "-m", "tinyllm_vllm.cli", "serve"]
+    r = subprocess.run([*cli, "--print-config", "--replicas", "2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    llm = _llm(json.loads(r.stdout))
+    assert llm["deployment_config"] == {"num_replicas": 2} and llm["engine_kwargs"]["dtype"] == "float32"
+    r = subprocess.run([*cli, "--ray"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "error: --ray needs Ray Serve LLM and the CUDA build of vLLM 0.26" in r.stderr
+    assert "--print-config shows the app's config" in r.stderr
+    r = subprocess.run([*cli, "--ray", "--max-num-seqs", "8"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "error: --ray: --max-num-seqs 8: vLLM flags are not passed" in r.stderr
+
+
+def test_sweep_stops_every_marked_process():
+    # what Ray starts for an app inherits the mark, also processes in sessions of their own
+    token = f"test-{os.getpid()}"
+    env = os.environ | {MARK: token}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env, start_new_session=True)
+        for _ in range(2)
+    ]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(marked(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sorted(marked(token)) == sorted(p.pid for p in procs)
+        assert sorted(sweep(token)) == sorted(p.pid for p in procs)
+        assert all(p.wait(timeout=10) == -9 for p in procs)
+        assert marked(token) == [] and other.poll() is None
+    finally:
+        for p in (*procs, other):
+            p.kill()
+            p.wait()

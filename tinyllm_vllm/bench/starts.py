@@ -1,0 +1,145 @@
+"""``tinyllm-vllm bench starts``: where an engine's start goes on this machine -> starts.json
+
+One model, one fresh compile cache, starts one after another, each split into the segments of
+``startup.timeline`` (process, CUDA and worker start, weights, compile, memory and KV cache, CUDA graphs,
+warm-up, API server):
+
+* the offline engine, cold (it compiles) and again (the compile cache is hit);
+* again while another process holds a CUDA context on the GPU: what a start costs when the driver
+  is already up (as with persistence mode on, or any other process on the GPU);
+* lighter settings, cold: vLLM's ``-O1`` and ``-O0`` (no compile, no CUDA graphs), with the throughput
+  each one gives on the same requests (the cost of starting faster);
+* one ``vllm serve`` with the kit's settings, after the offline engine (does it hit that cache?);
+* the kit's replicas (``plan``), started together.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import procs, startup
+from ..deploy import Replicas
+from ..plan import plan
+from ..server import VLLMServer
+from ..settings import Settings
+from .compare import machine, prepare_workload
+from .engines import EngineSpec, run_engine
+from .workload import ChatLike
+
+HOLD_CUDA = "import sys, torch; torch.zeros(1, device='cuda'); print('READY', flush=True); sys.stdin.read()"
+
+
+def _offline(spec: EngineSpec, label: str, log: Path) -> dict:
+    t0 = time.time()
+    r = run_engine(spec, log=log)
+    if "error" in r:
+        return {"what": label, "error": r["error"][-2000:]}
+    ready = r["ready_at"]
+    text = log.read_text(errors="replace")
+    p = startup.phases(text)
+    return {
+        "what": label,
+        "seconds": round(ready - t0, 1),
+        "cold": startup.cold_of(p),
+        "phases": p,
+        "timeline": startup.timeline(text, t0, ready),
+        "useful_tok_s": round(r["useful_tok_s"]),
+    }
+
+
+def _recorded(home: Path, since: float) -> list[dict]:
+    import json
+
+    log = home / "logs" / "starts.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    keep = ("what", "seconds", "cold", "phases", "timeline")
+    return [{k: r[k] for k in keep if k in r} for r in rows if r["at"] >= since]
+
+
+def starts(
+    model: str | Path, settings: Settings, out_dir: Path, requests: int = 1024, progress: Callable = print
+) -> dict:
+    """Time each start (see the module's docstring) in a fresh kit home and compile cache under ``out_dir``."""
+    home = out_dir / "home"
+    settings = settings.replace(home=home)
+    os.environ["VLLM_CACHE_ROOT"] = str(home / "vllm-cache")  # fresh: the first start compiles
+    gpu = plan(settings, "auto")
+    path, description = prepare_workload(model, ChatLike(requests=requests), out_dir)
+    base = EngineSpec(str(model), str(path), engine_args=settings.engine_options() | gpu.engine_options)
+    logs = home / "logs"
+    result: dict[str, Any] = {"kind": "starts", "machine": machine(), "workload": description, "starts": []}
+    out = result["starts"]
+
+    def step(r: dict) -> None:
+        out.append(r)
+        line = f"{r['seconds']} s" if "seconds" in r else f"failed: {r.get('error', '')[-300:]}"
+        progress(f"[starts] {r['what']}: {line} {r.get('timeline', '')}")
+
+    step(_offline(base, "offline engine, first start", logs / "offline-1.log"))
+    step(_offline(base, "offline engine, again", logs / "offline-2.log"))
+    holder = procs.start_group([sys.executable, "-c", HOLD_CUDA], logs / "cuda-holder.log", pipes=True)
+    try:
+        if holder.stdout.readline().strip() == "READY":
+            step(_offline(base, "offline engine, again, CUDA already up in another process", logs / "offline-3.log"))
+    finally:
+        procs.stop_group(holder, grace=0)
+    for level in (1, 0):
+        light = replace(base, engine_args=base.engine_args | {"optimization_level": level})
+        step(_offline(light, f"offline engine, -O{level}, first start", logs / f"offline-O{level}.log"))
+    t = time.time()
+    try:
+        with VLLMServer(model, settings=settings, echo=None):
+            pass
+        with Replicas(model, "auto", settings=settings, echo=None):
+            pass
+    except Exception as e:  # a failed server start is a result too; what started is stopped already
+        out.append({"what": "server or replicas", "error": str(e)[-2000:]})
+    for r in _recorded(home, t):
+        step(r)
+    result["persistence_mode"] = _persistence_mode()
+    return summarized(result)
+
+
+def summarized(result: dict) -> dict:
+    """The result with ``cold`` per start (from its phases) and its headline (``summary``) rebuilt."""
+    by = {}
+    for st in result["starts"]:
+        if "phases" in st:
+            st["cold"] = startup.cold_of(st["phases"])
+        by[st["what"]] = st
+    replicas = [st["seconds"] for st in result["starts"] if st["what"].startswith("replica") and "seconds" in st]
+
+    def sec(what: str) -> float | None:
+        return by.get(what, {}).get("seconds")
+
+    result["summary"] = {
+        "first_start_s": sec("offline engine, first start"),
+        "later_start_s": sec("offline engine, again"),
+        "later_start_cuda_up_s": sec("offline engine, again, CUDA already up in another process"),
+        "server_after_offline_s": sec("server"),
+        "server_compile_cache_hit": by.get("server", {}).get("phases", {}).get("compile_cache_hit"),
+        "replicas_all_ready_s": max(replicas) if replicas else None,
+        "replicas": len(replicas),
+        "O1_first_start_s": sec("offline engine, -O1, first start"),
+        "O0_first_start_s": sec("offline engine, -O0, first start"),
+        "tok_s_default_O2": by.get("offline engine, first start", {}).get("useful_tok_s"),
+        "tok_s_O1": by.get("offline engine, -O1, first start", {}).get("useful_tok_s"),
+        "tok_s_O0": by.get("offline engine, -O0, first start", {}).get("useful_tok_s"),
+    }
+    return {k: result[k] for k in ("kind", "summary")} | {k: v for k, v in result.items() if k != "summary"}
+
+
+def _persistence_mode() -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=persistence_mode", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return None

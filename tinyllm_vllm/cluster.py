@@ -1,0 +1,273 @@
+"""TinyLLM on a Ray cluster through Ray Serve LLM: one OpenAI endpoint over replicas, on one machine or many.
+
+* ``serve_config`` is the application as a Ray Serve config (what ``serve run config.yaml`` reads and
+  ``build_openai_app`` takes), made from the kit's settings: the prepared model, engine arguments from
+  ``Settings`` (each replica's memory share from ``plan.share``), N replicas each on a fraction of one
+  GPU, or autoscaling bounds. Making it imports no Ray, so it is checked on any machine.
+* ``RayServe`` runs that config in a managed process (``python -m tinyllm_vllm.cluster``), which starts a
+  Ray of its own or joins a cluster (``address``), and answers on ``/v1``. ``stop()`` shuts the app and a
+  Ray it started down, then stops any process Ray started for it (they all carry one environment mark).
+
+The plugin reaches Ray's workers as it reaches any vLLM process: vLLM loads it in every process through
+its entry point (``vllm.general_plugins``). So the package must be installed on every node; a model
+registered in the driver only is what Ray workers report as "not found".
+
+Ray Serve LLM 2.58 runs with the CUDA build of vLLM 0.26 (the ``ray`` extra). It does not import next to
+the CPU build (vLLM 0.3x for CPUs moved modules it reads), so on a CPU only the config is made and checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import logs, startup
+from .errors import ServerError
+from .plan import plan, share
+from .ports import reserve_port
+from .server import ManagedProcess
+from .settings import Settings
+
+if TYPE_CHECKING:
+    import openai
+
+APP = "tinyllm"
+MARK = "TINYLLM_RAY_APP"  # every process Ray starts for one app inherits this variable: how stop() finds them
+# Ray Serve LLM chooses the executor itself (Ray's); the kit's other options are the replicas' engine arguments
+NOT_FOR_RAY = ("distributed_executor_backend",)
+
+
+def serve_config(
+    model: str | Path,
+    settings: Settings,
+    replicas: int | str = "auto",
+    autoscale: tuple[int, int] | None = None,
+    ingress_replicas: int | None = None,
+) -> dict:
+    """The Ray Serve config of TinyLLM: ``replicas`` LLM servers (``auto``: the kit's plan for one GPU), or
+    between ``autoscale`` = (min, max) of them, each with 1/N of a GPU and of the memory budget."""
+    n = plan(settings, replicas).engines if autoscale is None else autoscale[1]
+    if autoscale and not 1 <= autoscale[0] <= autoscale[1]:
+        raise ServerError(f"--autoscale {autoscale[0]} {autoscale[1]}: expected 1 <= MIN <= MAX")
+    each = share(settings, n)
+    engine = {k: v for k, v in each.engine_options().items() if k not in NOT_FOR_RAY}
+    template = Path(model) / "chat_template.jinja"
+    if template.is_file():
+        engine["chat_template"] = str(template)
+    env = startup.cache_env(settings.home)  # the compile cache under the kit's home, as for every engine it starts
+    bundle = {"CPU": 1}
+    if settings.device == "cuda":
+        bundle["GPU"] = round(1 / n, 4)
+        # vLLM's Ray workers ask for this much GPU; it must fit the replica's bundle (vLLM's default is 1)
+        env["VLLM_RAY_PER_WORKER_GPUS"] = str(bundle["GPU"])
+    deployment: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": autoscale[0], "max_replicas": autoscale[1]}}
+        if autoscale
+        else {"num_replicas": n}
+    )
+    llm = {
+        "model_loading_config": {"model_id": settings.served_name, "model_source": str(Path(model).resolve())},
+        "engine_kwargs": engine,
+        "deployment_config": deployment,
+        "placement_group_config": {"bundles": [bundle]},
+        "runtime_env": {"env_vars": env},
+    }
+    args: dict[str, Any] = {"llm_configs": [llm]}
+    if ingress_replicas:
+        args["ingress_deployment_config"] = {"num_replicas": ingress_replicas}
+    return {
+        "applications": [
+            {"name": APP, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app", "args": args}
+        ]
+    }
+
+
+def marked(token: str) -> list[int]:
+    """Processes whose environment carries ``MARK=token``: everything Ray started for one app."""
+    needle = f"{MARK}={token}".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0") and int(env.parent.name) != os.getpid():
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def sweep(token: str) -> list[int]:
+    """SIGKILL every process left with the app's mark; returns what was still there."""
+    left = marked(token)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+class RayServe(ManagedProcess):
+    """Ray Serve LLM serving TinyLLM, as a managed subprocess (the Ray driver); OpenAI API on ``base_url``."""
+
+    kind = "Ray Serve LLM"
+
+    def __init__(
+        self,
+        model: str | Path,
+        replicas: int | str = "auto",
+        *,
+        settings: Settings | None = None,
+        address: str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        autoscale: tuple[int, int] | None = None,
+        startup_timeout: float = 900.0,
+        echo: Callable[[str], Any] | None = print,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        super().__init__(None, startup_timeout, echo)
+        gpu = plan(self.settings, replicas if autoscale is None else autoscale[1])
+        self.config = serve_config(model, self.settings, replicas, autoscale, ingress_replicas=gpu.api_server_count)
+        self.address, self.host, self.port = address, host, port
+        self.token = uuid.uuid4().hex
+        self.ready_s: float | None = None
+
+    @property
+    def served_model_name(self) -> str:
+        return self.settings.served_name
+
+    @property
+    def url(self) -> str:
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def health_url(self) -> str:
+        return self.url + "/v1/models"
+
+    @property
+    def status_file(self) -> Path:
+        return self.log_file.with_suffix(".status.json")
+
+    def start(self) -> RayServe:
+        if self.running:
+            return self
+        if not self.port:
+            self._held = reserve_port(self.host)
+            self.port = self._held.getsockname()[1]
+        self.log_file = logs.new_log_file(self.settings.logs, f"ray-serve-{self.port}")
+        config = self.log_file.with_suffix(".config.json")
+        config.write_text(json.dumps(self.config, indent=2))
+        cmd = [sys.executable, "-m", "tinyllm_vllm.cluster", str(config), "--host", self.host, "--port", str(self.port)]
+        cmd += ["--status", str(self.status_file)] + (["--address", self.address] if self.address else [])
+        env = os.environ | {MARK: self.token, "PYTHONUNBUFFERED": "1"} | startup.cache_env(self.settings.home)
+        t0 = time.monotonic()
+        n = self.config["applications"][0]["args"]["llm_configs"][0]["deployment_config"]
+        announce = f"starting Ray Serve LLM ({n}) for {self.served_model_name} at {self.url} (log: {self.log_file})"
+        self._launch(cmd, env, True, announce)
+        self.ready_s = time.monotonic() - t0
+        startup.record(self.settings.home, "Ray Serve LLM app", self.ready_s, self.log_file)
+        if self.echo:
+            self.echo(f"{self.kind} ready after {self.ready_s:.0f} s")
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Ready when Ray Serve reports the app RUNNING (every replica's engine up) and the proxy answers:
+        the ingress lists the model on ``/v1/models`` before any LLM replica has started."""
+        limit = timeout or self.startup_timeout
+        deadline = time.monotonic() + limit
+        while self.status().get("app") != "RUNNING":
+            if self.proc.poll() is not None:
+                raise self.failure(f"exited with code {self.proc.returncode} during start-up")
+            if self.status().get("app") in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise self.failure(f"the app is {self.status()['app']}: {self.status().get('message', '')[:500]}")
+            if time.monotonic() > deadline:
+                raise self.failure(f"not ready after {limit:.0f} s (replicas: {self.status().get('deployments')})")
+            time.sleep(1)
+        super().wait_ready(max(5.0, deadline - time.monotonic()))
+
+    def status(self) -> dict[str, Any]:
+        """The app's status and its replica states per deployment, as the driver last read them (every second)."""
+        try:
+            return json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def replica_pids(self) -> list[int]:
+        """The processes of the LLM server replicas (Ray names them ``ray::ServeReplica:...LLMServer...``)."""
+        out = []
+        for pid in marked(self.token):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::ServeReplica") and "LLMServer" in title:
+                out.append(pid)
+        return out
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """Shut the app (and a Ray it started) down, then stop whatever Ray process is left of it."""
+        code = super().stop(grace)
+        left = sweep(self.token)
+        if left and self.echo:
+            self.echo(f"stopped {len(left)} Ray processes left after the driver exited")
+        return code
+
+    def openai_client(self, timeout: float = 120.0) -> openai.OpenAI:
+        from .client import openai_client
+
+        return openai_client(self.base_url, timeout=timeout)
+
+
+def _driver(argv: list[str]) -> None:
+    """The Ray driver ``RayServe`` runs: start or join Ray, run the app, report its status, shut down on a signal."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tinyllm_vllm.cluster")
+    p.add_argument("config")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="a running Ray cluster (default: start one on this machine)")
+    p.add_argument("--status", help="write the replica states here every second")
+    a = p.parse_args(argv)
+    import ray
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
+    app = json.loads(Path(a.config).read_text())["applications"][0]
+    ray.init(address=a.address, include_dashboard=False, log_to_driver=True)
+    try:
+        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.run(build_openai_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
+        print(f"Ray Serve LLM: application {app['name']} deployed", flush=True)
+        while not stopping:
+            if a.status:
+                deployments = serve.status().applications[app["name"]].deployments
+                states = {
+                    name: {str(k.value): v for k, v in d.replica_states.items()} for name, d in deployments.items()
+                }
+                Path(a.status + ".tmp").write_text(json.dumps(states))
+                os.replace(a.status + ".tmp", a.status)
+            time.sleep(1)
+    finally:
+        if a.address:  # a cluster shared with others: take down this app only, and leave Ray running
+            serve.delete(app["name"])
+        else:
+            serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1:])
