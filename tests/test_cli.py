@@ -76,7 +76,7 @@ def test_demo_model_prepare_generate_end_to_end(tmp_path):
 
 @pytest.mark.vllm
 def test_generate_a_batch_over_two_engines_resumes_after_ctrl_c(demo_dir, tmp_path):
-    """--input/--output with 2 engines: Ctrl-C keeps what was written; the same command finishes the rest;
+    """--input/--output with 2 engines: Ctrl-C keeps what was written; the command run again finishes the rest;
     the output is in input order and equals one engine's greedy answers; nothing is left running."""
     questions = list(corpus_answers())[:8]
     rows = [{"id": f"q{i}", "prompt": questions[i % len(questions)]} for i in range(80)]
@@ -109,7 +109,8 @@ def test_generate_a_batch_over_two_engines_resumes_after_ctrl_c(demo_dir, tmp_pa
     kept = sum(len(f.read_text().splitlines()) for f in parts.glob("part-*"))
     assert 8 <= kept < 80 and not (tmp_path / "out.jsonl").exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_batch_engine(int(pid), tmp_path)]
-    r = cli(*args, env=env)
+    # the same command resumes; with another engine count too (what is done is kept per row, not per engine)
+    r = cli(*args[:-3], "1", *args[-2:], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{80 - kept} of 80 rows to generate ({kept} done before)" in r.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -50,18 +50,25 @@ def test_autoscaling_bounds_and_a_bad_pair(demo_dir, tmp_path):
         serve_config(demo_dir, gpu, "auto", autoscale=(3, 2))
 
 
-def test_print_config_and_ray_without_ray(tmp_path):
+def test_print_config_and_ray_without_ray(tmp_path, monkeypatch):
     env = os.environ | {"TINYLLM_HOME": str(tmp_path), "TINYLLM_MODEL": "demo"}
     cli = [sys.executable, "-m", "tinyllm_vllm.cli", "serve"]
     r = subprocess.run([*cli, "--print-config", "--replicas", "2"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     llm = _llm(json.loads(r.stdout))
     assert llm["deployment_config"] == {"num_replicas": 2} and llm["engine_kwargs"]["dtype"] == "float32"
-    r = subprocess.run([*cli, "--ray"], capture_output=True, text=True, env=env)
-    assert r.returncode == 1 and "error: --ray needs Ray Serve LLM and the CUDA build of vLLM 0.26" in r.stderr
-    assert "--print-config shows the app's config" in r.stderr
-    r = subprocess.run([*cli, "--ray", "--max-num-seqs", "8"], capture_output=True, text=True, env=env)
-    assert r.returncode == 1 and "error: --ray: --max-num-seqs 8: vLLM flags are not passed" in r.stderr
+    # the errors, from the command's own entry point in this process (no interpreter to start again)
+    from tinyllm_vllm.cli import main
+
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TINYLLM_MODEL", "demo")
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ray"])
+    assert str(e.value.code).startswith("error: --ray needs Ray Serve LLM and the CUDA build of vLLM 0.26")
+    assert "--print-config shows the app's config" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ray", "--max-num-seqs", "8"])
+    assert str(e.value.code).startswith("error: --ray: --max-num-seqs 8: vLLM flags are not passed")
 
 
 def test_sweep_stops_every_marked_process():
