@@ -148,13 +148,23 @@ def kernel_interrupted_and_restarted(model: str | Path, settings: Settings) -> t
 
 
 async def _stream_many(
-    base_url: str, model: str, n: int, max_tokens: int, hang_up_after: int | None, streaming: set | None = None
+    base_url: str,
+    model: str,
+    n: int,
+    max_tokens: int,
+    hang_up_after: int | None,
+    concurrency: int | None = None,
+    started: set | None = None,
+    ended: set | None = None,
 ) -> dict:
-    """n streaming completions; with ``hang_up_after`` each client closes its connection after that many chunks.
-    ``streaming`` gets the index of each request once its response has begun; ``failed_ids`` lists failures."""
+    """n streaming completions, at most ``concurrency`` at a time; with ``hang_up_after`` each client closes
+    its connection after that many chunks. ``started`` and ``ended`` get each request's index when it is
+    sent and when it is over; ``failed_ids`` lists failures."""
     results: dict = {"complete": 0, "failed": 0, "hung_up": 0, "failed_ids": []}
-    streaming = set() if streaming is None else streaming
-    async with httpx.AsyncClient(base_url=base_url, timeout=300) as http:
+    started = set() if started is None else started
+    ended = set() if ended is None else ended
+    gate = asyncio.Semaphore(concurrency or n)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=httpx.Limits(max_connections=None)) as http:
 
         async def one(i: int) -> None:
             body = {
@@ -166,51 +176,60 @@ async def _stream_many(
                 "stream": True,
                 "ignore_eos": True,
             }
-            try:
-                async with http.stream("POST", "/completions", json=body) as r:
-                    if r.status_code != 200:
-                        results["failed"] += 1
-                        results["failed_ids"].append(i)
-                        return
-                    streaming.add(i)  # the response has begun: a replica holds it, no router can move it now
-                    chunks, done = 0, False
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: "):
-                            chunks += 1
-                            done = line == "data: [DONE]"
-                            if hang_up_after is not None and chunks >= hang_up_after:
-                                results["hung_up"] += 1
-                                return  # leaving the block closes the connection mid-stream
-                    results["complete" if done else "failed"] += 1
-                    if not done:
-                        results["failed_ids"].append(i)
-            except httpx.HTTPError:
-                results["failed"] += 1
-                results["failed_ids"].append(i)
+            async with gate:
+                started.add(i)
+                try:
+                    async with http.stream("POST", "/completions", json=body) as r:
+                        if r.status_code != 200:
+                            results["failed"] += 1
+                            results["failed_ids"].append(i)
+                            return
+                        chunks, done = 0, False
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: "):
+                                chunks += 1
+                                done = line == "data: [DONE]"
+                                if hang_up_after is not None and chunks >= hang_up_after:
+                                    results["hung_up"] += 1
+                                    return  # leaving the block closes the connection mid-stream
+                        results["complete" if done else "failed"] += 1
+                        if not done:
+                            results["failed_ids"].append(i)
+                except httpx.HTTPError:
+                    results["failed"] += 1
+                    results["failed_ids"].append(i)
+                finally:
+                    ended.add(i)
 
         await asyncio.gather(*(one(i) for i in range(n)))
     return results
 
 
-def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 32) -> dict:
-    """Through the router, stream n requests while one replica is killed: count what failed and what was
-    lost; the endpoint must keep answering afterwards."""
+def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 32, concurrency: int = 16) -> dict:
+    """Through the router, a steady stream of n requests (``concurrency`` at a time) while one replica is
+    killed: a request under way at the kill may fail with it (a router cannot move a request a replica
+    already holds), every request sent after it must complete, and the endpoint keeps answering."""
 
     router_metrics = f"http://{fleet.router.host}:{fleet.router.metrics_port}" if fleet.router.metrics_port else None
     counters = ("vllm_router_retries_total", "vllm_router_retries_exhausted_total", "vllm_router_request_errors_total")
     before = {c: metric(router_metrics, c) for c in counters} if router_metrics else {}
 
-    streaming: set[int] = set()
+    started: set[int] = set()
+    ended: set[int] = set()
     at_kill: set[int] = set()
+    sent_by_kill = [0]
 
     async def run() -> dict:
         load = asyncio.create_task(
-            _stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, None, streaming)
+            _stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, None, concurrency, started, ended)
         )
         await asyncio.sleep(1.0)
         victim = fleet.servers[-1]
-        at_kill.update(streaming)
+        over = set(ended)
         os.killpg(victim.proc.pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)  # a request sent as the signal lands still meets the dying replica
+        at_kill.update(started - over)
+        sent_by_kill[0] = len(started)
         return await load
 
     r = asyncio.run(run())
@@ -223,9 +242,9 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
         "sent": n,
         "completed": r["complete"],
         "failed": r["failed"],
-        # a response already begun on the killed replica cannot be moved; any other request can be retried
-        "streaming_at_kill": len(at_kill),
-        "failed_not_streaming_at_kill": len(set(r["failed_ids"]) - at_kill),
+        "under_way_at_kill": len(at_kill),
+        "sent_after_kill": n - sent_by_kill[0],
+        "failed_not_under_way_at_kill": len(set(r["failed_ids"]) - at_kill),
         "lost": n - r["complete"],
         "answered_after": after["complete"],
         "killed_replica_gone": gone,
