@@ -65,3 +65,19 @@ def test_profile_summaries(tmp_path):
     assert core["self"][0] == {"frame": "Scheduler.schedule (scheduler.py)", "share": 0.4}
     front = profile.summarize(raw, process="tinyllm_vllm.bench.engines")
     assert front["samples"] == 30 and front["self"] == [{"frame": "detok (detokenizer.py)", "share": 1.0}]
+
+
+def test_executed_notebooks_become_pages_that_show_what_the_cells_printed(tmp_path):
+    import nbformat
+
+    from tinyllm_vllm.bench.walkthrough import as_html
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print('replica 1/4 ready')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="replica 1/4 ready after 52 s\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("# 05 · Scaling out"), cell]
+    nbformat.write(nb, tmp_path / "05_scaling_out.ipynb")
+    (page,) = as_html(tmp_path)
+    assert page == tmp_path / "05_scaling_out.html"
+    html = page.read_text(encoding="utf-8")
+    assert "replica 1/4 ready after 52 s" in html and "Scaling out" in html

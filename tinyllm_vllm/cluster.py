@@ -228,6 +228,20 @@ class RayServe(ManagedProcess):
         return openai_client(self.base_url, timeout=timeout)
 
 
+def _app_status(app: Any) -> dict[str, Any]:
+    """What ``RayServe.status`` reads: the app's state and message, and each deployment's replica counts
+    by state. Ray 2.58 gives the states as plain strings, earlier releases as enums: both read the same."""
+
+    def name(state: Any) -> str:
+        return str(getattr(state, "value", state))
+
+    return {
+        "app": name(app.status),
+        "message": app.message,
+        "deployments": {d: {name(k): n for k, n in s.replica_states.items()} for d, s in app.deployments.items()},
+    }
+
+
 def _driver(argv: list[str]) -> None:
     """The Ray driver ``RayServe`` runs: start or join Ray, run the app, report its status, shut down on a signal."""
     import argparse
@@ -254,11 +268,7 @@ def _driver(argv: list[str]) -> None:
         print(f"Ray Serve LLM: application {app['name']} deployed", flush=True)
         while not stopping:
             if a.status:
-                deployments = serve.status().applications[app["name"]].deployments
-                states = {
-                    name: {str(k.value): v for k, v in d.replica_states.items()} for name, d in deployments.items()
-                }
-                Path(a.status + ".tmp").write_text(json.dumps(states))
+                Path(a.status + ".tmp").write_text(json.dumps(_app_status(serve.status().applications[app["name"]])))
                 os.replace(a.status + ".tmp", a.status)
             time.sleep(1)
     finally:

@@ -4,15 +4,19 @@ Prompts for chat go through the prepared checkpoint's training-format template (
 stop ids (eos and the role tokens) come from the prepared generation_config.json, which vLLM applies
 to every request. Results are plain rows a notebook can show as a table.
 
-The engine's helper processes are started with ``spawn``: a forked one would inherit a Jupyter
-kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM (seen on the GPU under nbmake). Their
-output goes to a log file (``logs``); this process shows vLLM's warnings and the kit's own lines.
+Inside a Jupyter kernel the engine's helper processes are started with ``spawn``: a forked one would
+inherit the kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM (seen on the GPU under nbmake).
+Elsewhere vLLM chooses (``fork`` where it is safe, which saves the helper a second import of torch and
+vLLM). Their output goes to a log file (``logs``); this process shows vLLM's warnings and the kit's own lines.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,15 +45,15 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     the kit's home (its path is printed), unless ``TINYLLM_VERBOSE=1``.
     """
     settings = settings or Settings.from_env()
-    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     os.environ.update(startup.cache_env(settings.home))
     args = settings.engine_options() | overrides
     if settings.verbose:
         from vllm import LLM
 
-        return LLM(str(model_dir), **args)
+        with _start_method():
+            return LLM(str(model_dir), **args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
-    child_env = logs.send_vllm_log_to(log_file)
+    child_env = logs.send_vllm_log_to(log_file) | _start_method_env()
     if echo:
         echo(f"starting the vLLM engine (log: {log_file})")
     t0 = time.monotonic()
@@ -68,6 +72,27 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     if echo:
         echo(f"engine ready after {seconds:.0f} s ({_warned(warnings[0])})")
     return llm
+
+
+def _start_method_env() -> dict[str, str]:
+    """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing."""
+    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if "ipykernel" in sys.modules else {}
+
+
+@contextmanager
+def _start_method() -> Iterator[None]:
+    """``_start_method_env`` set while the engine starts, so that nothing started later inherits it."""
+    env = _start_method_env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _warned(n: int) -> str:

@@ -272,7 +272,9 @@ class VLLMServer(ManagedProcess):
             self.log_file = logs.new_log_file(self.settings.logs, f"vllm-server-{self.port}")
         # the server logs to its own file: never to a log file an in-process engine set up for itself
         env = logs.own_logging_env() | startup.cache_env(self.settings.home)
-        env |= {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "PYTHONUNBUFFERED": "1"} | self.env
+        # vLLM picks how its helper processes start (fork where it is safe, which skips a second import
+        # of torch and vLLM per process): no start method is forced here
+        env |= {"PYTHONUNBUFFERED": "1"} | self.env
         t0 = time.monotonic()
         announce = f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})"
         self._started_at = t0

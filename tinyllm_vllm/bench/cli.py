@@ -3,6 +3,7 @@
 tinyllm-vllm bench one-gpu --json results/gpu/one_gpu.json          # the headline: is the whole GPU used?
 tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headline keys, rebuilt from its runs
 tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
+tinyllm-vllm bench html results/gpu/notebooks                       # executed notebooks (--executed) as HTML
 tinyllm-vllm bench starts --json results/gpu/starts.json            # where an engine's start goes
 tinyllm-vllm bench ray --json results/gpu/ray_serve.json            # Ray Serve LLM against the kit's replicas
 tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
@@ -38,10 +39,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
             "profile",
             "plot",
             "report",
+            "html",
         ],
     )
     p.add_argument(
-        "inputs", nargs="*", help="plot, report: result JSON files; walkthrough: notebook names (default all)"
+        "inputs",
+        nargs="*",
+        help="plot, report: result JSON files; walkthrough: notebook names (default all); html: notebook folders",
     )
     p.add_argument("--serve-requests", type=int, default=4096, help="one-gpu: requests per serving level")
     p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu: requests in flight")
@@ -89,6 +93,13 @@ def run(a: argparse.Namespace, s: Settings) -> None:
             result = (starts.summarized if result.get("kind") == "starts" else onegpu.summarized)(result)
             path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             print(f"rebuilt {path}")
+        return
+    if a.what == "html":  # executed notebooks (walkthrough --executed) as pages a browser shows
+        from .walkthrough import as_html
+
+        for folder in a.inputs:
+            for page in as_html(Path(folder)):
+                print(f"wrote {page}")
         return
     if a.what == "plot":
         results = [report.load(f) for f in a.inputs]

@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,18 @@ def _client_process(
     out.put(asyncio.run(_client(url, model, rows, concurrency, start.value)))
 
 
-def run_load(url: str, model: str, rows: list[dict], concurrency: int, clients: int, timeout: float = 1800) -> dict:
+def run_load(
+    url: str,
+    model: str,
+    rows: list[dict],
+    concurrency: int,
+    clients: int,
+    timeout: float = 1800,
+    began: Callable[[float], Any] | None = None,
+) -> dict:
     """Send ``rows`` (``prompt``, ``output_tokens``) to ``url`` from ``clients`` processes started together,
-    ``concurrency`` requests in flight in all. Returns throughput, TTFT percentiles, failures and the overlap."""
+    ``concurrency`` requests in flight in all. Returns throughput, TTFT percentiles, failures and the overlap.
+    ``began`` gets the wall-clock time the clients start sending, once they are all ready."""
     ctx = mp.get_context("spawn")
     clients = max(1, min(clients, concurrency, len(rows)))
     # longest first, dealt round robin: every client gets the same mix, and each one's last requests are
@@ -107,6 +117,8 @@ def run_load(url: str, model: str, rows: list[dict], concurrency: int, clients: 
     try:
         start.value = time.time() + 0.5  # set before the barrier opens: every client reads the same time
         barrier.wait(timeout=300)
+        if began:
+            began(start.value)
         results = [out.get(timeout=timeout) for _ in procs]
     finally:
         for p in procs:

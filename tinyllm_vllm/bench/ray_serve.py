@@ -31,17 +31,30 @@ from .workload import ChatLike
 
 
 def _kill_one_under_load(app: RayServe, rows: list[dict], concurrency: int, clients: int, after_s: float) -> dict:
-    """Run a level; ``after_s`` into it SIGKILL one LLM replica; time until Ray Serve has them all running."""
+    """Run a level; ``after_s`` after its clients start sending, SIGKILL one LLM replica; time until Ray Serve
+    has them all running again."""
     out: dict[str, Any] = {}
+    began: list[float] = []
+    go = threading.Event()
+
+    def started(at: float) -> None:
+        began.append(at)
+        go.set()
+
     runner = threading.Thread(
-        target=lambda: out.update(load.run_load(app.url, app.served_model_name, rows, concurrency, clients))
+        target=lambda: out.update(
+            load.run_load(app.url, app.served_model_name, rows, concurrency, clients, began=started)
+        )
     )
     n = len(app.replica_pids())
     runner.start()
-    time.sleep(after_s)
+    if not go.wait(timeout=300):
+        raise RuntimeError("the load's clients did not start within 300 s")
+    time.sleep(max(0.0, began[0] + after_s - time.time()))
     victim = app.replica_pids()[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
+    under_load = runner.is_alive()  # the level was still running when the replica died
     restart_s = None
     time.sleep(1)
     while time.monotonic() - killed_at < 600:
@@ -58,6 +71,7 @@ def _kill_one_under_load(app: RayServe, rows: list[dict], concurrency: int, clie
     return {
         "replicas": n,
         "killed_after_s": after_s,
+        "under_load": under_load,
         "failed": out.get("failed"),
         "lost": out.get("incomplete"),
         "completed": out.get("completed"),
@@ -94,7 +108,8 @@ def ray_vs_router(
     with RayServe(model, n, settings=settings, echo=progress) as app:
         runs["ray"] = serve_levels(app, rows, warm, list(levels), clients) | {"start_s": round(app.ready_s, 1)}
         progress(f"[ray] Ray Serve LLM, {n} replicas: {best_tok_s(runs['ray']):,.0f} output tok/s")
-        killed = _kill_one_under_load(app, rows[: len(rows) // 2], levels[0], clients, after_s=5)
+        # every request of the level, the replica killed 1 s into it: on a GPU the level lasts seconds
+        killed = _kill_one_under_load(app, rows, levels[0], clients, after_s=1)
         progress(
             f"[ray] one replica killed: {killed['failed']} failed, {killed['lost']} cut short, "
             f"back after {killed['restart_s']} s"
@@ -111,7 +126,9 @@ def ray_vs_router(
         "ttft_ms_p99": round(best["ttft_ms_p99"] or 0),
         "router_output_tok_s": round(router["output_tok_s"]),
         "router_ttft_ms_p99": round(router["ttft_ms_p99"] or 0),
-        "replica_killed": {k: killed[k] for k in ("failed", "lost", "restart_s", "completed", "requests")},
+        "replica_killed": {
+            k: killed[k] for k in ("failed", "lost", "restart_s", "completed", "requests", "under_load")
+        },
         "runs": runs | {"ray_replica_killed": killed},
     }
     return result

@@ -46,6 +46,11 @@ def walkthrough(
         runs[name] = {"passed": failure is None, "seconds": round(float(case.get("time")), 1)}
         if failure is not None:
             runs[name]["failure"] = (failure.get("message") or "")[:2000]
+    if executed:
+        try:
+            as_html(executed)
+        except Exception as e:  # the timings matter more than the pages: `bench html` can make them later
+            print(f"the executed notebooks stay .ipynb only ({type(e).__name__}: {e})", file=sys.stderr)
     starts = []
     log = home / "logs" / "starts.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
@@ -74,3 +79,20 @@ def _notebook_at(at: float, t0: float, runs: dict) -> str | None:
         if at <= clock + 1:
             return name
     return None
+
+
+def as_html(executed: Path) -> list[Path]:
+    """Each executed notebook in ``executed`` also as a page a browser shows as the learner saw it
+    (nbconvert's HTML); none when nbconvert is not installed (the .ipynb files stay either way)."""
+    try:
+        from nbconvert import HTMLExporter
+    except ImportError:
+        print(f"nbconvert is not installed: the executed notebooks stay .ipynb only in {executed}", file=sys.stderr)
+        return []
+    pages = []
+    for nb in sorted(Path(executed).glob("*.ipynb")):
+        body, _ = HTMLExporter().from_filename(str(nb))
+        page = nb.with_suffix(".html")
+        page.write_text(body, encoding="utf-8")
+        pages.append(page)
+    return pages
