@@ -14,7 +14,7 @@ import pytest
 
 from tinyllm_vllm.cluster import MARK, marked, serve_config, sweep
 from tinyllm_vllm.errors import ServerError
-from tinyllm_vllm.plan import share
+from tinyllm_vllm.plan import plan, share
 from tinyllm_vllm.settings import Settings
 
 
@@ -29,6 +29,8 @@ def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     gpu = Settings(device="cuda", home=tmp_path, gpu_util=0.8)
     llm = _llm(serve_config(demo_dir, gpu, 4))
     assert llm["deployment_config"] == {"num_replicas": 4}
+    ingress = serve_config(demo_dir, gpu, 4)["applications"][0]["args"]["ingress_deployment_config"]
+    assert ingress == {"num_replicas": plan(gpu, 4).api_server_count}  # HTTP replicas as the plan's API servers
     assert llm["placement_group_config"] == {"bundles": [{"CPU": 1, "GPU": 0.25}]}
     # vLLM's Ray worker asks for VLLM_RAY_PER_WORKER_GPUS of a GPU: it must fit the bundle
     env = llm["runtime_env"]["env_vars"]

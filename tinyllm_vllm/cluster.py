@@ -49,13 +49,14 @@ def serve_config(
     settings: Settings,
     replicas: int | str = "auto",
     autoscale: tuple[int, int] | None = None,
-    ingress_replicas: int | None = None,
 ) -> dict:
     """The Ray Serve config of TinyLLM: ``replicas`` LLM servers (``auto``: the kit's plan for one GPU), or
-    between ``autoscale`` = (min, max) of them, each with 1/N of a GPU and of the memory budget."""
-    n = plan(settings, replicas).engines if autoscale is None else autoscale[1]
+    between ``autoscale`` = (min, max) of them, each with 1/N of a GPU and of the memory budget; as many
+    ingress (HTTP) replicas as the plan gives each engine API server processes."""
     if autoscale and not 1 <= autoscale[0] <= autoscale[1]:
         raise ServerError(f"--autoscale {autoscale[0]} {autoscale[1]}: expected 1 <= MIN <= MAX")
+    gpu = plan(settings, replicas if autoscale is None else autoscale[1])
+    n = gpu.engines
     each = share(settings, n)
     engine = {k: v for k, v in each.engine_options().items() if k not in NOT_FOR_RAY}
     template = Path(model) / "chat_template.jinja"
@@ -79,9 +80,7 @@ def serve_config(
         "placement_group_config": {"bundles": [bundle]},
         "runtime_env": {"env_vars": env},
     }
-    args: dict[str, Any] = {"llm_configs": [llm]}
-    if ingress_replicas:
-        args["ingress_deployment_config"] = {"num_replicas": ingress_replicas}
+    args: dict[str, Any] = {"llm_configs": [llm], "ingress_deployment_config": {"num_replicas": gpu.api_server_count}}
     return {
         "applications": [
             {"name": APP, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app", "args": args}
@@ -133,8 +132,7 @@ class RayServe(ManagedProcess):
     ) -> None:
         self.settings = settings or Settings.from_env()
         super().__init__(None, startup_timeout, echo)
-        gpu = plan(self.settings, replicas if autoscale is None else autoscale[1])
-        self.config = serve_config(model, self.settings, replicas, autoscale, ingress_replicas=gpu.api_server_count)
+        self.config = serve_config(model, self.settings, replicas, autoscale)
         self.address, self.host, self.port = address, host, port
         self.token = uuid.uuid4().hex
         self.ready_s: float | None = None
@@ -142,14 +140,6 @@ class RayServe(ManagedProcess):
     @property
     def served_model_name(self) -> str:
         return self.settings.served_name
-
-    @property
-    def url(self) -> str:
-        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
 
     def health_url(self) -> str:
         return self.url + "/v1/models"

@@ -113,10 +113,6 @@ class Router(ManagedProcess):
             *self.router_args,
         ]
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     def health_url(self) -> str:
         return self.url + "/health"
 

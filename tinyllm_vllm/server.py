@@ -112,6 +112,17 @@ class ManagedProcess:
             self._held.close()
             self._held = None
 
+    @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the process (a wildcard bind is reached on 127.0.0.1)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI API's base URL (``/v1``)."""
+        return self.url + "/v1"
+
     def health_url(self) -> str:
         raise NotImplementedError
 
@@ -245,15 +256,6 @@ class VLLMServer(ManagedProcess):
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         return cmd + self.vllm_args  # later flags win: vllm_args override the settings
-
-    @property
-    def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
 
     def health_url(self) -> str:
         return self.url + "/health"
