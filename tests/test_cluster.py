@@ -27,9 +27,10 @@ def _llm(config: dict) -> dict:
 
 def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     gpu = Settings(device="cuda", home=tmp_path, gpu_util=0.8)
-    llm = _llm(serve_config(demo_dir, gpu, 4))
+    config = serve_config(demo_dir, gpu, 4)
+    llm = _llm(config)
     assert llm["deployment_config"] == {"num_replicas": 4}
-    ingress = serve_config(demo_dir, gpu, 4)["applications"][0]["args"]["ingress_deployment_config"]
+    ingress = config["applications"][0]["args"]["ingress_deployment_config"]
     assert ingress == {"num_replicas": plan(gpu, 4).api_server_count}  # HTTP replicas as the plan's API servers
     assert llm["placement_group_config"] == {"bundles": [{"CPU": 1, "GPU": 0.25}]}
     # vLLM's Ray worker asks for VLLM_RAY_PER_WORKER_GPUS of a GPU: it must fit the bundle

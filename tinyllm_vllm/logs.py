@@ -79,13 +79,26 @@ def current_log_file() -> Path | None:
 
 
 @contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment for the block only: what starts inside inherits it, nothing after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def engine_phase(log_file: Path, env: dict[str, str] | None = None) -> Iterator[list[int]]:
     """Start or stop an in-process engine quietly: file descriptors 1 and 2 point at ``log_file`` for the
     processes started inside the block, which also get ``env`` (their logging setup; removed again after
     the block), and this process shows only errors meanwhile. The list it yields gets the number of
     warnings vLLM logged during the block, for a one-line summary."""
-    saved_env = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
     console = [
         h
         for h in logging.getLogger("vllm").handlers
@@ -103,7 +116,8 @@ def engine_phase(log_file: Path, env: dict[str, str] | None = None) -> Iterator[
             h.setLevel(logging.ERROR)
         os.dup2(target, 1)
         os.dup2(target, 2)
-        yield warnings
+        with environment(env or {}):
+            yield warnings
     finally:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -113,11 +127,6 @@ def engine_phase(log_file: Path, env: dict[str, str] | None = None) -> Iterator[
             os.close(fd)
         for h, level in zip(console, levels, strict=True):
             h.setLevel(level)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         warnings[0] = _count_warnings(log_file) - before
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +48,7 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     if settings.verbose:
         from vllm import LLM
 
-        with _start_method():
+        with logs.environment(_start_method_env()):
             return LLM(str(model_dir), **args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
     child_env = logs.send_vllm_log_to(log_file) | _start_method_env()
@@ -75,24 +73,9 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
 
 
 def _start_method_env() -> dict[str, str]:
-    """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing."""
+    """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing;
+    set only while the engine starts, so that nothing started later inherits it."""
     return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if "ipykernel" in sys.modules else {}
-
-
-@contextmanager
-def _start_method() -> Iterator[None]:
-    """``_start_method_env`` set while the engine starts, so that nothing started later inherits it."""
-    env = _start_method_env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _warned(n: int) -> str:

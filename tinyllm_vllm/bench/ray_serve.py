@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import queue
 import signal
 import threading
 import time
@@ -34,23 +35,19 @@ def _kill_one_under_load(app: RayServe, rows: list[dict], concurrency: int, clie
     """Run a level; ``after_s`` after its clients start sending, SIGKILL one LLM replica; time until Ray Serve
     has them all running again."""
     out: dict[str, Any] = {}
-    began: list[float] = []
-    go = threading.Event()
-
-    def started(at: float) -> None:
-        began.append(at)
-        go.set()
-
+    began: queue.Queue[float] = queue.Queue()
     runner = threading.Thread(
         target=lambda: out.update(
-            load.run_load(app.url, app.served_model_name, rows, concurrency, clients, began=started)
+            load.run_load(app.url, app.served_model_name, rows, concurrency, clients, began=began.put)
         )
     )
     n = len(app.replica_pids())
     runner.start()
-    if not go.wait(timeout=300):
-        raise RuntimeError("the load's clients did not start within 300 s")
-    time.sleep(max(0.0, began[0] + after_s - time.time()))
+    try:
+        at = began.get(timeout=300)
+    except queue.Empty:
+        raise RuntimeError("the load's clients did not start within 300 s") from None
+    time.sleep(max(0.0, at + after_s - time.time()))
     victim = app.replica_pids()[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
