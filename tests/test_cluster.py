@@ -15,6 +15,7 @@ import pytest
 from tinyllm_vllm.cluster import MARK, marked, serve_config, sweep
 from tinyllm_vllm.errors import ServerError
 from tinyllm_vllm.plan import plan, share
+from tinyllm_vllm.plugin import OWN_DP_PORT
 from tinyllm_vllm.settings import Settings
 
 
@@ -36,12 +37,34 @@ def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     # vLLM's Ray worker asks for VLLM_RAY_PER_WORKER_GPUS of a GPU: it must fit the bundle
     env = llm["runtime_env"]["env_vars"]
     assert env["VLLM_RAY_PER_WORKER_GPUS"] == "0.25" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
+    assert env[OWN_DP_PORT] == "1"  # each replica's engine takes its own port (next test)
     expected = share(gpu, 4).engine_options()
     assert expected.pop("distributed_executor_backend", None) is None  # Ray Serve LLM picks its executor
     assert {k: v for k, v in llm["engine_kwargs"].items() if k != "chat_template"} == expected
     assert llm["engine_kwargs"]["gpu_memory_utilization"] == pytest.approx(0.2)
     assert llm["engine_kwargs"]["chat_template"] == str(demo_dir / "chat_template.jinja")
     assert llm["model_loading_config"] == {"model_id": "tinyllm_92m", "model_source": str(demo_dir.resolve())}
+
+
+def _dp_master_port(**env: str) -> int:
+    """The data-parallel master port vLLM's config takes in a fresh process that loaded its plugins."""
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.config import ParallelConfig; print(ParallelConfig().data_parallel_master_port)"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in (OWN_DP_PORT, "VLLM_DP_MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean | env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.split()[-1])
+
+
+def test_replica_engines_take_ports_of_their_own():
+    # vLLM's Ray executor searches its torch.distributed port from this port + 100: engines sharing the
+    # default (0) and starting together collide; the kit's replicas each take a free one
+    assert _dp_master_port() == 0
+    first, second = _dp_master_port(**{OWN_DP_PORT: "1"}), _dp_master_port(**{OWN_DP_PORT: "1"})
+    assert first > 1024 and second > 1024 and first != second
+    assert _dp_master_port(**{OWN_DP_PORT: "1", "VLLM_DP_MASTER_PORT": "23456"}) == 23456  # a set port stays
 
 
 def test_autoscaling_bounds_and_a_bad_pair(demo_dir, tmp_path):

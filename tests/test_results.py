@@ -1,4 +1,4 @@
-"""The README's GPU headline is the committed one_gpu.json: every number it quotes is the file's."""
+"""The README's GPU numbers are the committed results': every number it quotes is in the file it names."""
 
 import json
 
@@ -64,3 +64,56 @@ def test_readmes_quote_starts_json():
         for key in keys:
             assert f"{s[key]:.1f} s" in text or f"| {s[key]:.1f} |" in text, f"{readme.name}: {key} {s[key]} not quoted"
     assert s["server_compile_cache_hit"] is True and s["replicas"] == 4
+
+
+def _gpu(name: str) -> dict:
+    return json.loads((ROOT / "results" / "gpu" / name).read_text())
+
+
+def test_the_gpu_walkthrough_ran_every_notebook_and_recorded_its_starts():
+    from tinyllm_vllm.bench.report import walkthrough_tables
+
+    w = _gpu("walkthrough.json")
+    assert list(w["runs"]) == [p.stem for p in sorted((ROOT / "notebooks").glob("0[0-5]_*.ipynb"))]
+    assert all(r["passed"] for r in w["runs"].values()) and w["pytest_exit"] == 0
+    assert w["machine"]["gpu"].startswith("NVIDIA") and w["machine"]["cpu_count"] > 0
+    assert {"02_offline_generation", "03_openai_api_server", "05_scaling_out"} <= {s["notebook"] for s in w["starts"]}
+    for start in w["starts"]:
+        assert {"notebook", "what", "seconds", "cold", "phases", "timeline"} <= start.keys()
+    w6 = _gpu("walkthrough_06.json")
+    (six,) = w6["runs"].values()
+    assert six["passed"] and [s["what"] for s in w6["starts"]] == ["Ray Serve LLM app"]
+    # the results README shows the tables `bench report` prints from the files, and the README their numbers
+    gpu_readme, readme = (ROOT / "results" / "gpu" / "README.md").read_text(), (ROOT / "README.md").read_text()
+    assert walkthrough_tables(w) in gpu_readme
+    assert walkthrough_tables(w6).splitlines()[-1] in gpu_readme  # its start, in the same table
+    assert f"in {six['seconds']:.1f} s" in gpu_readme and f"| {six['seconds']:.1f} s |" in readme
+    assert f"{w['total_s']:.1f} s in all" in readme
+    for name, run in w["runs"].items():
+        assert f"| `{name}` |" in readme and f"| {run['seconds']:.1f} s" in readme
+    first = {s["notebook"]: s["seconds"] for s in w["starts"]}
+    replicas = max(s["seconds"] for s in w["starts"] if s["notebook"] == "05_scaling_out")
+    for value in (first["02_offline_generation"], first["03_openai_api_server"], replicas):
+        assert f"{value:.1f} s" in readme
+
+
+def test_ray_serve_json_has_what_was_measured_and_the_readmes_quote_it():
+    from tinyllm_vllm.bench.report import ray_table
+
+    r = _gpu("ray_serve.json")
+    assert r["ray"] and r["vllm"] and r["machine"]["gpu"].startswith("NVIDIA") and r["replicas"] == 4
+    for key in ("ray", "router"):
+        (level,) = r["runs"][key]["levels"]
+        assert level["valid"] and level["failed"] == 0 and level["client_overlap"] >= 0.9
+    killed = r["replica_killed"]
+    assert killed["under_load"] and killed["restart_s"] > 0
+    assert killed["completed"] + killed["failed"] == killed["requests"]
+    gpu_readme, readme = (ROOT / "results" / "gpu" / "README.md").read_text(), (ROOT / "README.md").read_text()
+    assert ray_table(r) in gpu_readme
+    assert f"**{r['output_tok_s']:,}** output tok/s (TTFT p99 {r['ttft_ms_p99'] / 1000:.1f} s)" in readme
+    assert f"**{r['router_output_tok_s']:,}**\n(TTFT p99 {r['router_ttft_ms_p99'] / 1000:.1f} s)" in readme
+    assert f"{killed['failed']} failed and {killed['lost']} cut-short\nrequests of {killed['requests']}" in readme
+    assert f"running again after {killed['restart_s']} s" in readme
+    share = r["output_tok_s"] / r["router_output_tok_s"]
+    assert f"served {share:.0%} of what" in gpu_readme
+    assert f"TTFT p99 {r['ttft_ms_p99'] / r['router_ttft_ms_p99']:.1f} times as long" in gpu_readme

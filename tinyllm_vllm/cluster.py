@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import logs, startup
 from .errors import ServerError
 from .plan import plan, share
+from .plugin import OWN_DP_PORT
 from .ports import reserve_port
 from .server import ManagedProcess
 from .settings import Settings
@@ -63,6 +64,7 @@ def serve_config(
     if template.is_file():
         engine["chat_template"] = str(template)
     env = startup.cache_env(settings.home)  # the compile cache under the kit's home, as for every engine it starts
+    env[OWN_DP_PORT] = "1"  # replicas starting together would race for one port (plugin.own_dp_master_port)
     bundle = {"CPU": 1}
     if settings.device == "cuda":
         bundle["GPU"] = round(1 / n, 4)
@@ -101,14 +103,18 @@ def marked(token: str) -> list[int]:
     return pids
 
 
-def sweep(token: str) -> list[int]:
-    """SIGKILL every process left with the app's mark; returns what was still there."""
+def sweep(token: str, wait: float = 10.0) -> list[int]:
+    """SIGKILL every process left with the app's mark and wait (up to ``wait`` s) until they are gone;
+    returns what was still there."""
     left = marked(token)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + wait
+    while left and marked(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return left
 
 
@@ -247,11 +253,12 @@ def _driver(argv: list[str]) -> None:
     from ray import serve
     from ray.serve.llm import build_openai_app
 
+    app = json.loads(Path(a.config).read_text())["applications"][0]
+    ray.init(address=a.address, include_dashboard=False, log_to_driver=True)
+    # after ray.init: it installs handlers of its own that end the driver on SIGTERM without shutting down
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
-    app = json.loads(Path(a.config).read_text())["applications"][0]
-    ray.init(address=a.address, include_dashboard=False, log_to_driver=True)
     try:
         serve.start(http_options={"host": a.host, "port": a.port})
         serve.run(build_openai_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)

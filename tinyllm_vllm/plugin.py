@@ -6,9 +6,12 @@ model is built, and no CUDA is touched here.
 """
 
 import logging
+import os
 
 ARCH = "TinyllmForCausalLM"
 MODEL_CLASS = "tinyllm_vllm.model:TinyllmForCausalLM"
+# set to 1 in the environment of engines that start together on one node under Ray (the kit's Ray Serve app)
+OWN_DP_PORT = "TINYLLM_OWN_DP_MASTER_PORT"
 
 
 def register() -> None:
@@ -21,6 +24,21 @@ def register() -> None:
     if ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCH, MODEL_CLASS)
         _warn_if_untested_vllm()
+    if os.environ.get(OWN_DP_PORT) == "1":
+        own_dp_master_port()
+
+
+def own_dp_master_port() -> None:
+    """Give this engine a data-parallel master port of its own (``VLLM_DP_MASTER_PORT``, unless one is set).
+
+    vLLM 0.26's Ray executor looks for its torch.distributed port from that port + 100 even in an engine
+    without data parallelism. Every Ray Serve replica on a node has the same default (0), so replicas
+    starting together all find port 100 free, all but one then fail to bind it, and Ray restarts them one
+    by one (minutes). The port is excluded from vLLM's compile-cache key, so the cache is still shared."""
+    if "VLLM_DP_MASTER_PORT" not in os.environ:
+        from vllm.utils.network_utils import get_open_port
+
+        os.environ["VLLM_DP_MASTER_PORT"] = str(get_open_port())
 
 
 def supported_architectures() -> list[str]:

@@ -14,7 +14,7 @@
 #
 # **Goal:** serve TinyLLM from a Ray cluster through Ray Serve LLM, and see the two other ways out of one
 # machine: `vllm-router` over servers on several hosts, and Kubernetes.
-# **Runtime:** seconds on a CPU; about two minutes on a GPU.
+# **Runtime:** seconds on a CPU; about four minutes on a GPU.
 #
 # **On a CPU this notebook is a dry run of the configuration only.** Ray Serve LLM 2.58 runs with the CUDA
 # build of vLLM 0.26 (`pip install 'tinyllm-vllm[cuda,ray]'`); next to the CPU build it does not import.

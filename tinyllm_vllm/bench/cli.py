@@ -84,12 +84,15 @@ def distribution(a: argparse.Namespace) -> ChatLike | Fixed:
 def run(a: argparse.Namespace, s: Settings) -> None:
     from . import report
 
-    if a.what == "report":  # the headline keys of committed results, rebuilt from their runs
+    if a.what == "report":  # the headline keys of committed results, rebuilt from their runs; or their tables
         from . import onegpu, starts
 
         for f in a.inputs:
             path = Path(f)
             result = json.loads(path.read_text())
+            if result.get("kind") in ("walkthrough", "ray-serve"):
+                print((report.walkthrough_tables if result["kind"] == "walkthrough" else report.ray_table)(result))
+                continue
             result = (starts.summarized if result.get("kind") == "starts" else onegpu.summarized)(result)
             path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             print(f"rebuilt {path}")
@@ -122,7 +125,8 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     elif a.what == "walkthrough":
         from .walkthrough import walkthrough
 
-        result = walkthrough(model, s.home, a.inputs, Path(a.executed) if a.executed else None)
+        # the notebooks get the model as the learner names it (they find a built demo model in the home)
+        result = walkthrough(a.model or s.model, s.home, a.inputs, Path(a.executed) if a.executed else None)
         print(json.dumps({k: result[k] for k in ("runs", "total_s")}, indent=2))
         for st in result["starts"]:
             print(f"{st['notebook']}: {st['what']} {st['seconds']} s{' (cold)' if st['cold'] else ''}")

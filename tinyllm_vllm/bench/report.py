@@ -151,5 +151,57 @@ def one_gpu_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+# a start's timeline, in the columns a reader compares; the remaining segments go to "rest"
+START_COLUMNS = {
+    "process_s": "process and imports",
+    "cuda_init_s": "worker, CUDA",
+    "compile_s": "compile",
+    "warmup_s": "warm-up",
+}
+
+
+def walkthrough_tables(result: dict) -> str:
+    """``bench walkthrough``'s result: seconds per notebook, then each start with its timeline."""
+    rows = ["| notebook | passed | seconds |", "|---|---|---:|"]
+    for name, r in result["runs"].items():
+        rows.append(f"| {name} | {'yes' if r['passed'] else 'no'} | {r['seconds']:.1f} |")
+    rows.append(f"| all | | {result['total_s']:.1f} |")
+    rows += [
+        "",
+        "| notebook | start | cold | seconds | " + " | ".join(START_COLUMNS.values()) + " | rest |",
+        "|---|---|---|---:|" + "---:|" * (len(START_COLUMNS) + 1),
+    ]
+    for st in result["starts"]:
+        t = st.get("timeline", {})
+        rest = sum(v for k, v in t.items() if k not in START_COLUMNS)
+        cells = " | ".join(f"{t.get(k, 0.0):.1f}" for k in START_COLUMNS)
+        cold = {True: "yes", False: "no"}.get(st["cold"], "-")
+        rows.append(f"| {st['notebook']} | {st['what']} | {cold} | {st['seconds']:.1f} | {cells} | {rest:.1f} |")
+    return "\n".join(rows)
+
+
+def ray_table(result: dict) -> str:
+    """``bench ray``'s result: Ray Serve LLM and the kit's replicas on the same load, and the replica killed."""
+    k = result["replica_killed"]
+    rows = [
+        f"| endpoint ({result['replicas']} replicas, one GPU) | in flight | output tok/s | TTFT p50 / p99 | overlap |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in (("ray", "Ray Serve LLM"), ("router", "the kit's replicas behind vllm-router")):
+        for lv in result["runs"][key]["levels"]:
+            rows.append(
+                f"| {label} | {lv['concurrency']} | {lv['output_tok_s']:,.0f} | {lv['ttft_ms_p50'] / 1000:.1f} s / "
+                f"{lv['ttft_ms_p99'] / 1000:.1f} s | {lv['client_overlap']:.0%} |"
+            )
+    rows += [
+        "",
+        f"One Ray replica killed {'under load' if k['under_load'] else 'after the load'}: of {k['requests']} "
+        f"requests {k['completed']} were answered ({k['lost']} of them cut short) and {k['failed']} failed; Ray "
+        f"Serve had every replica running again after {k['restart_s']} s. The app was ready "
+        f"{result['runs']['ray']['start_s']} s after its start.",
+    ]
+    return "\n".join(rows)
+
+
 def load(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())

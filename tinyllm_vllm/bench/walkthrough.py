@@ -33,10 +33,10 @@ def walkthrough(
     env = os.environ | {"TINYLLM_MODEL": str(model), "TINYLLM_HOME": str(home)}
     if executed:
         env["TINYLLM_EXECUTED_DIR"] = str(executed)
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbmake-timeout=900", f"--junitxml={junit}"]
-    cmd += [str(NOTEBOOKS / f"{n}.ipynb") for n in names]
+    files = [f"{NOTEBOOKS.name}/{n}.ipynb" for n in names]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbmake-timeout=900", *files]
     t = time.time()
-    done = subprocess.run(cmd, env=env, cwd=NOTEBOOKS.parent)
+    done = subprocess.run([*cmd, f"--junitxml={junit}"], env=env, cwd=NOTEBOOKS.parent)
     runs = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         failure = case.find("failure")
@@ -64,7 +64,7 @@ def walkthrough(
         "kind": "walkthrough",
         "machine": machine(),
         "model": str(model),
-        "command": " ".join(["pytest", *cmd[3:]]),
+        "command": " ".join(["pytest", *cmd[3:]]),  # from the folder above the notebooks, as a user runs it
         "runs": runs,
         "total_s": round(sum(r["seconds"] for r in runs.values()), 1),
         "starts": starts,
