@@ -147,10 +147,13 @@ class PhaseEcho:
                 self.echo(self.prefix + line.format(*m.groups()))
 
 
-def record(home: Path, what: str, seconds: float, log_file: Path | None, **extra: Any) -> dict:
-    """Append one start to ``<home>/logs/starts.jsonl`` and return it."""
+def record(
+    home: Path, what: str, seconds: float, log_file: Path | None, ready_at: float | None = None, **extra: Any
+) -> dict:
+    """Append one start to ``<home>/logs/starts.jsonl`` and return it: ``seconds`` from launch to ready, which
+    was now or at ``ready_at`` (a wall-clock time; the log's stamps are placed against it)."""
     text = log_file.read_text(errors="replace") if log_file and log_file.exists() else ""
-    now = time.time()
+    now = ready_at or time.time()
     entry = {"what": what, "seconds": round(seconds, 1), "at": now, "log": str(log_file)}
     entry |= extra | {"phases": phases(text), "timeline": timeline(text, now - seconds, now)}
     entry["cold"] = cold_of(entry["phases"])
@@ -159,3 +162,9 @@ def record(home: Path, what: str, seconds: float, log_file: Path | None, **extra
     with open(folder / "starts.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
     return entry
+
+
+def read_starts(home: Path) -> list[dict]:
+    """Every start recorded in ``home`` (``record``), oldest first."""
+    log = Path(home) / "logs" / "starts.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

@@ -84,6 +84,18 @@ assert all(v > 0 for v in chat_result["useful_tok_s"].values())
 print(f"\nplugin / vLLM Qwen2 = {chat_result['ratios']['plugin_vs_qwen2']:.2f}x")
 
 # %% [markdown]
+# Each vLLM engine's start went into the kit's log of starts (`logs/starts.jsonl` in its home), beside
+# the engines, servers and replicas of the other notebooks: how long each waited before it could
+# generate, and where that time went (`tinyllm-vllm bench walkthrough` collects them).
+
+# %%
+from tinyllm_vllm.startup import read_starts
+
+engine_starts = {s["what"]: s["seconds"] for s in read_starts(settings.home)}  # the latest of each
+print(", ".join(f"{what}: {seconds:.0f} s" for what, seconds in engine_starts.items() if what.startswith("bench")))
+assert {"benchmark engine (plugin)", "benchmark engine (qwen2)"} <= set(engine_starts)
+
+# %% [markdown]
 # ## 2. The fixed workload: the best case for static batching
 # Every prompt and every reply the same length: nobody in a static batch waits for a longer request,
 # so this is where transformers' `generate` looks best.

@@ -84,12 +84,13 @@ def offline(
         hf_caches=tuple(hf_caches),
     )
     results = {}
+    settings = settings or Settings.from_env()  # each vLLM engine's start is recorded in its home
     for engine in engines:
         one = replace(spec, engine=engine, as_vllm_bench=as_vllm_bench and engine == "plugin")
         if engines_per_gpu > 1 and engine in ("plugin", "qwen2"):
-            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu, settings or Settings.from_env())
+            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu, settings)
         else:
-            results[engine] = run_engine(one, timeout=timeout)
+            results[engine] = run_engine(one, timeout=timeout, home=settings.home)
         r = results[engine]
         if "useful_tok_s" in r:
             progress(f"[bench] {engine}: {r['useful_tok_s']:,.0f} useful output tok/s, {r['requests_s']:.1f} req/s")

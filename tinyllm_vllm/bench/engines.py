@@ -196,12 +196,22 @@ def result_of(proc: subprocess.Popen) -> dict | None:
     return json.loads(lines[-1])["result"] if proc.wait() == 0 and lines else None
 
 
-def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None) -> dict:
+def record_start(home: Path | None, what: str, launched: float, result: dict, log: Path) -> None:
+    """Record a vLLM engine's start (launch to ready) with the kit's other starts in ``home``, if given."""
+    if home and "ready_at" in result:
+        from ..startup import record
+
+        record(home, what, result["ready_at"] - launched, log, ready_at=result["ready_at"])
+
+
+def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None, home: Path | None = None) -> dict:
     """Run ``worker(spec)`` in a fresh Python process under the watchdog; a failure (or no result within
-    ``timeout``, after which its whole group is stopped) is returned as ``{"error": ...}``."""
+    ``timeout``, after which its whole group is stopped) is returned as ``{"error": ...}``. With ``home``, a
+    vLLM engine's start is recorded there (``startup.record``)."""
     import tempfile
 
     log = log or Path(tempfile.mkstemp(prefix=f"bench-{spec.engine}-", suffix=".log")[1])
+    launched = time.time()
     proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, _env(), pipes=True)
     try:
         out, _ = proc.communicate(spec.to_json() + "\n", timeout=timeout)
@@ -215,7 +225,9 @@ def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None)
     if proc.returncode != 0 or not lines:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         return {"error": f"{spec.engine} failed (exit {proc.returncode}): {tail}"}
-    return json.loads(lines[-1])["result"]
+    result = json.loads(lines[-1])["result"]
+    record_start(home, f"benchmark engine ({spec.engine})", launched, result, log)
+    return result
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
 
     try:
         # started together: each has a fixed memory share (``plan.share``), so none profiles the others
+        launched = time.time()
         for i, log in enumerate(logs):
             started.append(engines.start_lockstep(replace(spec, engine_args=args, shard=(i, k)), log))
         for _ in range(spec.repeats):
@@ -53,6 +55,8 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
     finally:
         for p in started:
             engines.stop(p)
+    for i, (result, log) in enumerate(zip(results, logs, strict=True)):
+        engines.record_start(settings.home, f"benchmark engine ({spec.engine}) {i + 1}/{k}", launched, result, log)
     runs = []
     for j in range(spec.repeats):
         timed = [[x for x in r["runs"] if x["label"] == "harness"][j] for r in results]

@@ -8,7 +8,6 @@ took (pytest's JUnit report) and every engine, server and replica start the kit 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..startup import read_starts
 from .compare import machine
 
 
@@ -52,9 +52,7 @@ def walkthrough(
         except Exception as e:  # the timings matter more than the pages: `bench html` can make them later
             print(f"the executed notebooks stay .ipynb only ({type(e).__name__}: {e})", file=sys.stderr)
     starts = []
-    log = home / "logs" / "starts.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else []:
-        entry = json.loads(line)
+    for entry in read_starts(home):
         # which notebook it ran in: the one whose run spans its time
         entry["notebook"] = _notebook_at(entry["at"], t, runs)
         starts.append(
