@@ -58,13 +58,16 @@ def _dp_master_port(**env: str) -> int:
     return int(r.stdout.split()[-1])
 
 
-def test_replica_engines_take_ports_of_their_own():
+def test_replica_engines_take_ports_of_their_own(monkeypatch):
     # vLLM's Ray executor searches its torch.distributed port from this port + 100: engines sharing the
     # default (0) and starting together collide; the kit's replicas each take a free one
-    assert _dp_master_port() == 0
     first, second = _dp_master_port(**{OWN_DP_PORT: "1"}), _dp_master_port(**{OWN_DP_PORT: "1"})
     assert first > 1024 and second > 1024 and first != second
-    assert _dp_master_port(**{OWN_DP_PORT: "1", "VLLM_DP_MASTER_PORT": "23456"}) == 23456  # a set port stays
+    from tinyllm_vllm.plugin import own_dp_master_port
+
+    monkeypatch.setenv("VLLM_DP_MASTER_PORT", "23456")
+    own_dp_master_port()
+    assert os.environ["VLLM_DP_MASTER_PORT"] == "23456"  # a port the user set stays
 
 
 def test_autoscaling_bounds_and_a_bad_pair(demo_dir, tmp_path):
