@@ -157,14 +157,18 @@ def record(
     entry = {"what": what, "seconds": round(seconds, 1), "at": now, "log": str(log_file)}
     entry |= extra | {"phases": phases(text), "timeline": timeline(text, now - seconds, now)}
     entry["cold"] = cold_of(entry["phases"])
-    folder = Path(home) / "logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "starts.jsonl", "a") as f:
+    log = _starts_file(home)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
         f.write(json.dumps(entry) + "\n")
     return entry
 
 
 def read_starts(home: Path) -> list[dict]:
     """Every start recorded in ``home`` (``record``), oldest first."""
-    log = Path(home) / "logs" / "starts.jsonl"
+    log = _starts_file(home)
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _starts_file(home: Path) -> Path:
+    return Path(home) / "logs" / "starts.jsonl"

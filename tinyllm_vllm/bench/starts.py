@@ -55,12 +55,8 @@ def _offline(spec: EngineSpec, label: str, log: Path) -> dict:
 
 
 def _recorded(home: Path, since: float) -> list[dict]:
-    import json
-
-    log = home / "logs" / "starts.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     keep = ("what", "seconds", "cold", "phases", "timeline")
-    return [{k: r[k] for k in keep if k in r} for r in rows if r["at"] >= since]
+    return [{k: r[k] for k in keep if k in r} for r in startup.read_starts(home) if r["at"] >= since]
 
 
 def starts(
