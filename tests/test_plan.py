@@ -28,6 +28,22 @@ def test_auto_fills_a_gpu_as_far_as_the_cores_allow(h200):
     assert planning.plan(settings).engines == planning.USEFUL_ENGINES_PER_GPU
 
 
+def test_a_light_start_keeps_the_count_with_vllms_one_engine_layout(h200):
+    h200(16)
+    p = planning.plan(Settings(device="cuda"), "auto", light=True)
+    assert (p.engines, p.api_server_count, p.engine_options) == (4, 1, {})
+    assert "light start" in p.why
+    from tinyllm_vllm.deploy import Replicas
+
+    def flag(replicas, name):
+        flags = replicas.servers[0].command()
+        return flags[flags.index(name) + 1] if name in flags else None
+
+    full, light = (Replicas("m", 4, settings=Settings(device="cuda"), light=x, echo=None) for x in (False, True))
+    assert (flag(full, "--api-server-count"), flag(full, "--distributed-executor-backend")) == ("2", "mp")
+    assert (flag(light, "--api-server-count"), flag(light, "--distributed-executor-backend")) == ("1", None)
+
+
 def test_a_number_is_taken_as_given(h200):
     h200(16)
     assert planning.plan(Settings(device="cuda"), "2").engines == 2

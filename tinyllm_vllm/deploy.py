@@ -146,9 +146,10 @@ class Replicas:
         router_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         echo: Callable[[str], Any] | None = print,
+        light: bool = False,
     ) -> None:
         settings = settings or Settings.from_env()
-        self.plan = plan(settings, n)
+        self.plan = plan(settings, n, light)
         n = self.plan.engines
         if n < 1:
             raise ServerError(f"--replicas {n}: need at least one")
@@ -161,8 +162,9 @@ class Replicas:
         each = share(settings, n)
         if settings.device == "cuda" and not _has_flag(vllm_args, "--api-server-count"):
             vllm_args = ["--api-server-count", str(self.plan.api_server_count), *vllm_args]
-        if settings.device == "cuda" and not _has_flag(vllm_args, "--distributed-executor-backend"):
-            vllm_args = ["--distributed-executor-backend", "mp", *vllm_args]
+        backend = self.plan.engine_options.get("distributed_executor_backend")
+        if settings.device == "cuda" and backend and not _has_flag(vllm_args, "--distributed-executor-backend"):
+            vllm_args = ["--distributed-executor-backend", backend, *vllm_args]
         # the servers say nothing themselves: one line a replica is enough for N of them
         self.servers = [VLLMServer(model, vllm_args, settings=each, env=env, echo=None) for _ in range(n)]
         for i, server in enumerate(self.servers):

@@ -4,14 +4,18 @@ Prompts for chat go through the prepared checkpoint's training-format template (
 stop ids (eos and the role tokens) come from the prepared generation_config.json, which vLLM applies
 to every request. Results are plain rows a notebook can show as a table.
 
-Inside a Jupyter kernel the engine's helper processes are started with ``spawn``: a forked one would
-inherit the kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM (seen on the GPU under nbmake).
-Elsewhere vLLM chooses (``fork`` where it is safe, which saves the helper a second import of torch and
-vLLM). Their output goes to a log file (``logs``); this process shows vLLM's warnings and the kit's own lines.
+Inside a Jupyter kernel the engine runs in the kernel's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+a forked helper would inherit the kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM, and a
+spawned one imports torch and vLLM a second time (14 s of a 76 s first start on an H200); in the kernel a
+killed kernel also leaves no engine process behind, and ``close`` gives the memory back. Elsewhere vLLM
+runs the engine in a helper process of its choosing (``fork`` where it is safe), which overlaps scheduling
+with the model. The engine's output goes to a log file (``logs``); this process shows vLLM's warnings and
+the kit's own lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -37,17 +41,22 @@ class Generation:
 
 
 def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any = print, **overrides: Any) -> LLM:
-    """Start an in-process vLLM engine on a prepared checkpoint (the plugin provides the model).
+    """Start a vLLM engine (``vllm.LLM``) on a prepared checkpoint (the plugin provides the model).
 
     ``overrides`` are further ``vllm.LLM`` keyword arguments. The engine's log goes to a file under
     the kit's home (its path is printed), unless ``TINYLLM_VERBOSE=1``.
     """
     settings = settings or Settings.from_env()
     os.environ.update(startup.cache_env(settings.home))
-    args = settings.engine_options() | overrides
+    # in a kernel, tqdm draws the weight-loading bar as a widget in the cell, wherever stderr points
+    quiet = {"use_tqdm_on_load": False} if _in_kernel() else {}
+    args = settings.engine_options() | quiet | overrides
     if settings.verbose:
         from vllm import LLM
 
+        from .plugin import register_class_here
+
+        register_class_here()
         with logs.environment(_start_method_env()):
             return LLM(str(model_dir), **args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
@@ -59,6 +68,9 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
         with logs.engine_phase(log_file, child_env) as warnings, startup.PhaseEcho(log_file, echo):
             from vllm import LLM
 
+            from .plugin import register_class_here
+
+            register_class_here()
             llm = LLM(str(model_dir), **args)
     except Exception as e:
         cause = logs.diagnose(log_file.read_text(errors="replace")) or f"{type(e).__name__}: {e}"
@@ -72,10 +84,19 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     return llm
 
 
+def _in_kernel() -> bool:
+    return "ipykernel" in sys.modules
+
+
 def _start_method_env() -> dict[str, str]:
-    """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing;
-    set only while the engine starts, so that nothing started later inherits it."""
-    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if "ipykernel" in sys.modules else {}
+    """The engine in this process inside a Jupyter kernel (see the module's docstring), else nothing; set
+    only while the engine starts, so that nothing started later inherits it."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if _in_kernel() else {}
+
+
+def in_process(llm: Any) -> bool:
+    """Whether the engine runs in this process (no engine-core process of its own)."""
+    return type(llm.llm_engine.engine_core).__name__ == "InprocClient"
 
 
 def _warned(n: int) -> str:
@@ -83,15 +104,26 @@ def _warned(n: int) -> str:
 
 
 def close(llm: Any, echo: Any = print) -> None:
-    """Shut the engine's helper processes down now (not whenever the garbage collector gets to them)."""
+    """Stop the engine now, not whenever the garbage collector gets to it: its helper processes end, or (an
+    engine in this process) its model and KV cache are freed. ``llm`` cannot generate afterwards."""
+    if not hasattr(llm, "llm_engine"):
+        return  # closed already
     log_file = logs.current_log_file()
-    if log_file is None:  # TINYLLM_VERBOSE: vLLM logs as it likes
+    with logs.engine_phase(log_file) if log_file else contextlib.nullcontext():
         llm.llm_engine.engine_core.shutdown()
-        return
-    with logs.engine_phase(log_file):
-        llm.llm_engine.engine_core.shutdown()
+        if in_process(llm):
+            _free(llm)
     if echo:
         echo("engine stopped")
+
+
+def _free(llm: Any) -> None:
+    """Give back what an in-process engine holds: the model and KV cache are reachable only through the LLM
+    object, vLLM's distributed state is per process, and vLLM froze the garbage collector after the start."""
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    del llm.llm_engine
+    cleanup_dist_env_and_memory()  # unfreezes and runs the collector, empties the CUDA cache
 
 
 def sampling(

@@ -42,9 +42,13 @@ def gpu_memory_gib() -> float | None:
     return float(out[0]) / 1024 if out else None
 
 
-def plan(settings: Settings, engines: int | str = "auto") -> GpuPlan:
+def plan(settings: Settings, engines: int | str = "auto", light: bool = False) -> GpuPlan:
     """Engines for one GPU: ``auto`` takes the fewest of what the CPU cores, the GPU memory and the measured
-    useful count allow. On a CPU there is one engine: its cores are the limit already."""
+    useful count allow. On a CPU there is one engine: its cores are the limit already.
+
+    ``light`` starts each engine with vLLM's own process layout for one GPU (one API server, the model in
+    the engine core's process): fewer processes import vLLM, so engines starting together are ready
+    sooner, at the cost of throughput under full load (the walkthrough's replicas use it)."""
     if engines != "auto" and not (str(engines).isdigit() and int(engines) >= 1):
         raise SettingsError(f"{engines!r} engines or replicas: expected a number of at least 1, or auto")
     cores = len(os.sched_getaffinity(0))
@@ -62,6 +66,8 @@ def plan(settings: Settings, engines: int | str = "auto") -> GpuPlan:
         )
     else:
         n, why = int(engines), f"{engines} engines, as asked"
+    if light:
+        return GpuPlan(n, 1, {}, why + "; a light start: 1 API server each, the model in the engine's process")
     api_servers = max(1, min(4, cores // n - 2))
     # the model runs in its own worker process, so the engine core schedules the next step meanwhile
     return GpuPlan(n, api_servers, {"distributed_executor_backend": "mp"}, why + f"; {api_servers} API servers each")

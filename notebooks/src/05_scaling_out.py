@@ -30,6 +30,8 @@ from tinyllm_vllm.settings import Settings
 settings = Settings.from_env()
 # "auto" fills the GPU (what `tinyllm-vllm serve` does there); the CPU walkthrough shows 2
 REPLICAS = os.environ.get("TINYLLM_REPLICAS", "auto" if settings.device == "cuda" else "2")
+# 1: each replica starts light (one API server, the model in the engine's process); 0: as `tinyllm-vllm serve`
+LIGHT = os.environ.get("TINYLLM_LIGHT_START", "1") == "1"
 
 # %%
 from tinyllm_vllm.sources import ensure_model
@@ -42,12 +44,15 @@ print("model:", note)
 # The servers start at the same time, each with a fixed share of the memory (so vLLM's memory
 # profiling in one does not see the others' allocations), then the router. `auto` picks the number
 # from the CPU cores, the GPU memory and what was measured to fill a GPU, and says why in one line.
-# `tinyllm-vllm serve --replicas N` does the same.
+# `tinyllm-vllm serve --replicas N` does the same, with more processes per replica: on a GPU it gives each
+# replica several API server processes and runs the model in a worker process of its own, which serves
+# more under full load. Here each replica starts light (vLLM's own layout for one engine): 2 processes
+# each instead of 5, so the replicas are ready sooner. On the CPU both are the same.
 
 # %%
 from tinyllm_vllm.deploy import Replicas
 
-fleet = Replicas(model_dir, REPLICAS, settings=settings).start()
+fleet = Replicas(model_dir, REPLICAS, settings=settings, light=LIGHT).start()
 
 # %% [markdown]
 # ## 2. One endpoint
