@@ -4,13 +4,11 @@ Prompts for chat go through the prepared checkpoint's training-format template (
 stop ids (eos and the role tokens) come from the prepared generation_config.json, which vLLM applies
 to every request. Results are plain rows a notebook can show as a table.
 
-Inside a Jupyter kernel the engine runs in the kernel's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
-a forked helper would inherit the kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM, and a
-spawned one imports torch and vLLM a second time (14 s of a 76 s first start on an H200); in the kernel a
-killed kernel also leaves no engine process behind, and ``close`` gives the memory back. Elsewhere vLLM
-runs the engine in a helper process of its choosing (``fork`` where it is safe), which overlaps scheduling
-with the model. The engine's output goes to a log file (``logs``); this process shows vLLM's warnings and
-the kit's own lines.
+Inside a Jupyter kernel the engine's helper processes are started with ``spawn``: a forked one would
+inherit the kernel's ``sys.stdout``, whose ``fileno()`` raises inside vLLM, and so does an engine in the
+kernel's own process (vLLM silences NCCL through ``sys.stdout.fileno()``). Elsewhere vLLM chooses (``fork``
+where it is safe, which saves the helper a second import of torch and vLLM). Their output goes to a log
+file (``logs``); this process shows vLLM's warnings and the kit's own lines.
 """
 
 from __future__ import annotations
@@ -89,9 +87,9 @@ def _in_kernel() -> bool:
 
 
 def _start_method_env() -> dict[str, str]:
-    """The engine in this process inside a Jupyter kernel (see the module's docstring), else nothing; set
-    only while the engine starts, so that nothing started later inherits it."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if _in_kernel() else {}
+    """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing;
+    set only while the engine starts, so that nothing started later inherits it."""
+    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if _in_kernel() else {}
 
 
 def in_process(llm: Any) -> bool:
