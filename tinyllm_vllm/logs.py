@@ -2,16 +2,15 @@
 notebook cell, a terminal's stderr) shows vLLM's warnings and errors from this process and the
 kit's own lines. ``TINYLLM_VERBOSE=1`` leaves vLLM's logging as vLLM sets it up.
 
-An offline engine (``vllm.LLM``) runs in this process or starts helper processes (engine core, workers)
-that inherit this process's file descriptors 1 and 2, which a Jupyter kernel forwards into the cell.
-While it starts, ``engine_phase`` points those descriptors and Python's ``sys.stderr`` at the log file,
-so the engine's own output (its log, progress bars, library warnings) lands there instead, and counts
-the warnings of the start-up for a one-line summary; after it, vLLM's warnings show as they come.
+An in-process engine (``vllm.LLM``) starts helper processes (engine core, workers) that inherit this
+process's file descriptors 1 and 2, which a Jupyter kernel forwards into the cell. While they start,
+``engine_phase`` points those descriptors at the log file, so the engine's own output (its log,
+progress bars, library warnings) lands there instead, and counts the warnings of the start-up for a
+one-line summary; after it, vLLM's warnings show as they come.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging.config
 import os
@@ -117,9 +116,7 @@ def engine_phase(log_file: Path, env: dict[str, str] | None = None) -> Iterator[
             h.setLevel(logging.ERROR)
         os.dup2(target, 1)
         os.dup2(target, 2)
-        # an engine in this process writes its progress bars and library warnings to Python's sys.stderr,
-        # which a Jupyter kernel shows in the cell whatever file descriptor 2 points at
-        with environment(env or {}), open(log_file, "a") as log, contextlib.redirect_stderr(log):
+        with environment(env or {}):
             yield warnings
     finally:
         for stream in (sys.stdout, sys.stderr):

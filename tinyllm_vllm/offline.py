@@ -13,7 +13,6 @@ file (``logs``); this process shows vLLM's warnings and the kit's own lines.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -39,24 +38,17 @@ class Generation:
 
 
 def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any = print, **overrides: Any) -> LLM:
-    """Start a vLLM engine (``vllm.LLM``) on a prepared checkpoint (the plugin provides the model).
+    """Start an in-process vLLM engine on a prepared checkpoint (the plugin provides the model).
 
     ``overrides`` are further ``vllm.LLM`` keyword arguments. The engine's log goes to a file under
     the kit's home (its path is printed), unless ``TINYLLM_VERBOSE=1``.
     """
     settings = settings or Settings.from_env()
     os.environ.update(startup.cache_env(settings.home))
-    # in a kernel, tqdm draws the weight-loading bar as a widget in the cell, wherever stderr points
-    quiet = {"use_tqdm_on_load": False} if _in_kernel() else {}
-    args = settings.engine_options() | quiet | overrides
+    args = settings.engine_options() | overrides
     if settings.verbose:
-        from vllm import LLM
-
-        from .plugin import register_class_here
-
-        register_class_here()
         with logs.environment(_start_method_env()):
-            return LLM(str(model_dir), **args)
+            return _new_llm(model_dir, args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
     child_env = logs.send_vllm_log_to(log_file) | _start_method_env()
     if echo:
@@ -64,12 +56,7 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     t0 = time.monotonic()
     try:
         with logs.engine_phase(log_file, child_env) as warnings, startup.PhaseEcho(log_file, echo):
-            from vllm import LLM
-
-            from .plugin import register_class_here
-
-            register_class_here()
-            llm = LLM(str(model_dir), **args)
+            llm = _new_llm(model_dir, args)
     except Exception as e:
         cause = logs.diagnose(log_file.read_text(errors="replace")) or f"{type(e).__name__}: {e}"
         raise TinyllmError(
@@ -82,19 +69,19 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     return llm
 
 
-def _in_kernel() -> bool:
-    return "ipykernel" in sys.modules
+def _new_llm(model_dir: str | Path, args: dict[str, Any]) -> LLM:
+    from vllm import LLM
+
+    from .plugin import register_class_here
+
+    register_class_here()
+    return LLM(str(model_dir), **args)
 
 
 def _start_method_env() -> dict[str, str]:
     """``spawn`` for the engine's helpers inside a Jupyter kernel (see the module's docstring), else nothing;
     set only while the engine starts, so that nothing started later inherits it."""
-    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if _in_kernel() else {}
-
-
-def in_process(llm: Any) -> bool:
-    """Whether the engine runs in this process (no engine-core process of its own)."""
-    return type(llm.llm_engine.engine_core).__name__ == "InprocClient"
+    return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"} if "ipykernel" in sys.modules else {}
 
 
 def _warned(n: int) -> str:
@@ -102,26 +89,15 @@ def _warned(n: int) -> str:
 
 
 def close(llm: Any, echo: Any = print) -> None:
-    """Stop the engine now, not whenever the garbage collector gets to it: its helper processes end, or (an
-    engine in this process) its model and KV cache are freed. ``llm`` cannot generate afterwards."""
-    if not hasattr(llm, "llm_engine"):
-        return  # closed already
+    """Shut the engine's helper processes down now (not whenever the garbage collector gets to them)."""
     log_file = logs.current_log_file()
-    with logs.engine_phase(log_file) if log_file else contextlib.nullcontext():
+    if log_file is None:  # TINYLLM_VERBOSE: vLLM logs as it likes
         llm.llm_engine.engine_core.shutdown()
-        if in_process(llm):
-            _free(llm)
+        return
+    with logs.engine_phase(log_file):
+        llm.llm_engine.engine_core.shutdown()
     if echo:
         echo("engine stopped")
-
-
-def _free(llm: Any) -> None:
-    """Give back what an in-process engine holds: the model and KV cache are reachable only through the LLM
-    object, vLLM's distributed state is per process, and vLLM froze the garbage collector after the start."""
-    from vllm.distributed import cleanup_dist_env_and_memory
-
-    del llm.llm_engine
-    cleanup_dist_env_and_memory()  # unfreezes and runs the collector, empties the CUDA cache
 
 
 def sampling(
