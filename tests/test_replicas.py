@@ -65,11 +65,19 @@ def test_clients_that_hang_up_are_freed(fleet):
     """Streams cut after 3 chunks of 500 asked, straight to a server and through the router: every request is
     freed (nothing runs afterwards), most are aborted early, and the servers stay healthy. Not all are
     aborted: vLLM notices a hang-up only when it tries to send, so some run to their end (seen on 2 CPU
-    cores: 5-6 of 24 directly, 12 of 24 through vllm-router 0.1.17, all on one of its two replicas)."""
+    cores: 5-6 of 24 directly, 12 of 24 through vllm-router 0.1.17, all on one of its two replicas). On a busy
+    machine a whole round can finish before the server reads the hang-ups (23 of 24 once), so the early
+    aborts get up to 3 rounds; a server that ignores hang-ups fails all 3."""
     for direct in (True, False):
-        r = faults.clients_hang_up(fleet, direct=direct)
-        assert r["hung_up"] == 24 and r["running_after"] == 0 and r["healthy_after"], r
-        assert r["finished_normally"] < 24 and r["tokens_generated"] < r["tokens_asked"] * 3 / 4, r
+        rounds = []
+        for _ in range(3):
+            r = faults.clients_hang_up(fleet, direct=direct)
+            assert r["hung_up"] == 24 and r["running_after"] == 0 and r["healthy_after"], r
+            rounds.append(r)
+            if r["finished_normally"] < 24 and r["tokens_generated"] < r["tokens_asked"] * 3 / 4:
+                break
+        else:
+            raise AssertionError(f"{'directly' if direct else 'through the router'}, no round aborted early: {rounds}")
 
 
 def test_a_replica_killed_under_load_leaves_the_endpoint_answering(fleet):
