@@ -91,7 +91,8 @@ def test_chat_in_a_browser(page, demo_dir, cpu_settings, tmp_path):
         assert second == corpus_answers()["世界上最大的动物是什么？"]
         # a bubble can read empty for a moment while the page redraws the chat, so the check retries
         # until the page shows both questions (or 10 s pass)
-        expect = pytest.importorskip("playwright.sync_api").expect
+        from playwright.sync_api import expect  # the page fixture has skipped the test if it is missing
+
         expect(page.locator('[data-testid="user"]')).to_have_text(
             ["请介绍一下北京", "世界上最大的动物是什么？"], timeout=10_000
         )
