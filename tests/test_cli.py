@@ -78,8 +78,11 @@ def test_demo_model_prepare_generate_end_to_end(tmp_path):
 def test_generate_a_batch_over_two_engines_resumes_after_ctrl_c(demo_dir, tmp_path):
     """--input/--output with 2 engines: Ctrl-C keeps what was written; the command run again finishes the rest;
     the output is in input order and equals one engine's greedy answers; nothing is left running."""
+    # the demo model writes a chunk of 4 in about 0.05 s on 2 CPU cores: 80 rows were once all done before
+    # the Ctrl-C landed, so the batch is long enough to be cut in the middle
+    n = 800
     questions = list(corpus_answers())[:8]
-    rows = [{"id": f"q{i}", "prompt": questions[i % len(questions)]} for i in range(80)]
+    rows = [{"id": f"q{i}", "prompt": questions[i % len(questions)]} for i in range(n)]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
     args = ["generate", "--model", str(demo_dir), "--input", str(tmp_path / "in.jsonl")]
     args += ["--output", str(tmp_path / "out.jsonl"), "--engines", "2", "--chunk", "4"]
@@ -107,14 +110,14 @@ def test_generate_a_batch_over_two_engines_resumes_after_ctrl_c(demo_dir, tmp_pa
     assert p.returncode == 130, err
     assert "the same command resumes" in err, err
     kept = sum(len(f.read_text().splitlines()) for f in parts.glob("part-*"))
-    assert 8 <= kept < 80 and not (tmp_path / "out.jsonl").exists()
+    assert 8 <= kept < n and not (tmp_path / "out.jsonl").exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_batch_engine(int(pid), tmp_path)]
     # the same command resumes; with another engine count too (what is done is kept per row, not per engine)
     r = cli(*args[:-3], "1", *args[-2:], env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"{80 - kept} of 80 rows to generate ({kept} done before)" in r.stderr
+    assert f"{n - kept} of {n} rows to generate ({kept} done before)" in r.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [o["id"] for o in out] == [r["id"] for r in rows] and [o["index"] for o in out] == list(range(80))
+    assert [o["id"] for o in out] == [r["id"] for r in rows] and [o["index"] for o in out] == list(range(n))
     answers = corpus_answers()
     assert [o["text"] for o in out] == [answers[r["prompt"]] for r in rows]
     assert not parts.exists()
