@@ -74,53 +74,106 @@ def test_demo_model_prepare_generate_end_to_end(tmp_path):
     assert max(map(len, (r.stdout + r.stderr).splitlines())) <= 160, r.stderr
 
 
-@pytest.mark.vllm
-def test_generate_a_batch_over_two_engines_resumes_after_ctrl_c(demo_dir, tmp_path):
-    """--input/--output with 2 engines: Ctrl-C keeps what was written; the command run again finishes the rest;
-    the output is in input order and equals one engine's greedy answers; nothing is left running."""
-    # the demo model writes a chunk of 4 in about 0.05 s on 2 CPU cores: 80 rows were once all done before
-    # the Ctrl-C landed, so the batch is long enough to be cut in the middle
-    n = 800
-    questions = list(corpus_answers())[:8]
-    rows = [{"id": f"q{i}", "prompt": questions[i % len(questions)]} for i in range(n)]
-    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
-    args = ["generate", "--model", str(demo_dir), "--input", str(tmp_path / "in.jsonl")]
-    args += ["--output", str(tmp_path / "out.jsonl"), "--engines", "2", "--chunk", "4"]
-    env = os.environ | {"TINYLLM_HOME": str(tmp_path / "home"), "TINYLLM_KV_CACHE_GB": "0.25"}
-    p = subprocess.Popen(
+def _written(parts) -> list[dict]:
+    """The rows the engines have written so far, in the order they finished (a line cut by a kill is skipped)."""
+    rows = []
+    for f in sorted(parts.glob("part-*.jsonl")):
+        for line in f.read_text().split("\n"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def _start_batch(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "tinyllm_vllm.cli", *args],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
         start_new_session=True,
     )
+
+
+def _wait_until(p: subprocess.Popen, ready, timeout: float = 300, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert p.poll() is None, p.stderr.read()
+        assert time.monotonic() < deadline, "the batch wrote too little in time"
+        time.sleep(poll)
+
+
+@pytest.mark.vllm
+def test_generate_a_batch_keeps_engines_full_and_resumes_after_ctrl_c_and_kill(demo_dir, tmp_path):
+    """--input/--output: a long row does not hold the rows after it back (the engine is fed as rows finish,
+    not in chunks); Ctrl-C keeps what was written; a killed run keeps it too; the command run again does only
+    the rest, on another engine count too; the output is in input order and equals the model's greedy
+    answers; the row with its own sampling fields got them; nothing is left running."""
+    n, long_row, in_flight = 4000, 1, 4
+    questions = list(corpus_answers())[:8]
+    rows = [{"id": f"q{i}", "prompt": questions[i % len(questions)]} for i in range(n)]
+    rows[long_row] |= {"max_tokens": 950, "ignore_eos": True}  # its own sampling fields, over --max-tokens
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    base = ["generate", "--model", str(demo_dir), "--input", str(tmp_path / "in.jsonl")]
+    base += ["--output", str(tmp_path / "out.jsonl"), "--in-flight", str(in_flight), "--max-tokens", "64"]
+    env = os.environ | {"TINYLLM_HOME": str(tmp_path / "home"), "TINYLLM_KV_CACHE_GB": "0.25"}
     parts = tmp_path / "out.jsonl.parts"
+
+    p = _start_batch([*base, "--engines", "2"], env)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and sum(len(f.read_text().splitlines()) for f in parts.glob("part-*")) < 8:
-            assert p.poll() is None, p.stderr.read()
-            time.sleep(0.5)
+        # the second engine (its rows are every other one from index 1) has written twice its in-flight count
+        # while its first row, the long one, still runs: rows after it finished first. A loop that waits for a
+        # chunk's longest row cannot get here.
+        def second_engine_wrote() -> bool:
+            files = list(parts.glob("part-*-1.jsonl"))
+            return bool(files) and len(files[0].read_text().splitlines()) >= 2 * in_flight
+
+        _wait_until(p, second_engine_wrote, poll=0.02)
+        assert long_row not in {r["index"] for r in _written(parts)}
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill(p)
     assert p.returncode == 130, err
     assert "the same command resumes" in err, err
-    kept = sum(len(f.read_text().splitlines()) for f in parts.glob("part-*"))
-    assert 8 <= kept < n and not (tmp_path / "out.jsonl").exists()
+    kept = len(_written(parts))
+    assert 2 * in_flight <= kept < n and not (tmp_path / "out.jsonl").exists()
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_batch_engine(int(pid), tmp_path)]
-    # the same command resumes; with another engine count too (what is done is kept per row, not per engine)
-    r = cli(*args[:-3], "1", *args[-2:], env=env)
+
+    # killed outright (no chance to clean up): the engines go with it, the rows written stay
+    p = _start_batch([*base, "--engines", "1"], env)
+    try:
+        _wait_until(p, lambda: len(_written(parts)) >= kept + 20)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        _kill(p)
+    deadline = time.monotonic() + 30
+    while [pid for pid in os.listdir("/proc") if pid.isdigit() and _runs_batch_engine(int(pid), tmp_path)]:
+        assert time.monotonic() < deadline, "a batch engine outlived the killed command"
+        time.sleep(0.5)
+    kept_after_kill = {r["index"] for r in _written(parts)}
+    assert len(kept_after_kill) >= kept + 20
+
+    r = cli(*base, "--engines", "1", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"{n - kept} of {n} rows to generate ({kept} done before)" in r.stderr
+    assert f"{n - len(kept_after_kill)} of {n} rows to generate ({len(kept_after_kill)} done before)" in r.stderr
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == [r["id"] for r in rows] and [o["index"] for o in out] == list(range(n))
     answers = corpus_answers()
-    assert [o["text"] for o in out] == [answers[r["prompt"]] for r in rows]
-    assert not parts.exists()
+    assert [o["text"] for i, o in enumerate(out) if i != long_row] == [
+        answers[r["prompt"]] for i, r in enumerate(rows) if i != long_row
+    ]
+    assert (out[long_row]["output_tokens"], out[long_row]["finish_reason"]) == (950, "length")
+    assert "max_tokens" not in out[long_row] and not parts.exists()
+
+
+def _kill(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _runs_batch_engine(pid: int, tmp_path) -> bool:
@@ -204,3 +257,19 @@ def _is_watchdog_of(pid: int, parent: int) -> bool:
     except OSError:
         return False
     return "tinyllm_vllm.procs" in cmdline and str(parent) in cmdline
+
+
+def test_a_batch_row_with_a_bad_field_is_named(tmp_path):
+    """A row's own sampling field of the wrong type is named with its file, line and field, before any engine
+    starts; a line of OpenAI's batch input is read as its body."""
+    from tinyllm_vllm.batch import read_rows
+
+    good = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}
+    good["body"] = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    bad = {"prompt": "hi", "max_tokens": "many"}
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    r = cli("generate", "--input", str(path), "--output", str(tmp_path / "out.jsonl"), "--model", "demo")
+    assert r.returncode == 1 and f"{path}:2: field 'max_tokens' is 'many', expected int" in r.stderr, r.stderr
+    path.write_text(json.dumps(good) + "\n")
+    assert read_rows(path) == [{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}]

@@ -56,7 +56,15 @@ def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
         if a.prompt:
             raise TinyllmError("generate: give prompts or --input FILE, not both")
         job = BatchJob(
-            a.input, a.output, a.engines, a.max_tokens or s.max_tokens, a.temperature, a.top_p, a.seed, a.raw, a.chunk
+            a.input,
+            a.output,
+            a.engines,
+            a.max_tokens or s.max_tokens,
+            a.temperature,
+            a.top_p,
+            a.seed,
+            a.raw,
+            a.in_flight,
         )
         run_batch(_model(a.model, s), job, s, echo=say)
         return
@@ -256,7 +264,11 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     p.add_argument("--input", type=Path, help='JSONL of {"prompt": ...} or {"messages": [...]} rows')
     p.add_argument("--output", type=Path, help="with --input: results as JSONL, in input order (resumable)")
     p.add_argument("--engines", default="auto", help="with --input: engines sharing the GPU (default auto; 1 on a CPU)")
-    p.add_argument("--chunk", type=int, default=256, help="with --input: rows an engine writes out at a time")
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        help="with --input: requests each engine holds (default: twice the rows it runs in one step)",
+    )
     p.add_argument("--raw", action="store_true", help="plain completion instead of the chat format")
     p.add_argument("--seed", type=int)
     model_arg(p)

@@ -1,6 +1,6 @@
 """``tinyllm-vllm bench``: offline engines, vLLM's own tools, serving through replicas, a profile, plots.
 
-tinyllm-vllm bench one-gpu --json results/gpu/one_gpu.json          # the headline: is the whole GPU used?
+tinyllm-vllm bench one-gpu --json results/gpu/one_gpu.json          # the headline: useful tok/s at steady state
 tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headline keys, rebuilt from its runs
 tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
 tinyllm-vllm bench html results/gpu/notebooks                       # executed notebooks (--executed) as HTML
@@ -47,7 +47,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         nargs="*",
         help="plot, report: result JSON files; walkthrough: notebook names (default all); html: notebook folders",
     )
-    p.add_argument("--serve-requests", type=int, default=4096, help="one-gpu: requests per serving level")
+    p.add_argument("--serve-requests", type=int, default=16384, help="one-gpu, ray: requests per serving run")
+    p.add_argument("--min-seconds", type=float, default=20, help="one-gpu: a timed run lasts at least this long")
+    p.add_argument("--min-factor", type=int, default=8, help="one-gpu: and holds this many times its in-flight count")
+    p.add_argument("--scan", type=int, nargs="+", default=[2, 4, 8], help="one-gpu: engine counts side by side")
+    p.add_argument("--batch-rows", type=int, default=65536, help="one-gpu: rows of the generate --input run")
     p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu: requests in flight")
     p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")
     p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
@@ -59,7 +63,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--engines", nargs="+", default=["plugin", "qwen2", "transformers_static", "transformers_cb"])
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, help="timed runs of each figure (default: one-gpu 3, offline 1)")
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--engine-args", type=json.loads, default={}, help="JSON of extra vllm.LLM arguments")
     p.add_argument(
@@ -117,9 +121,25 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     engine_args = s.engine_options() | a.engine_args
     if a.what == "one-gpu":
         from .onegpu import one_gpu
+        from .rule import Rule
 
+        def save(partial: dict) -> None:  # a long run keeps what it measured so far
+            if a.json:
+                Path(a.json).write_text(json.dumps(partial, indent=2, ensure_ascii=False) + "\n")
+
+        rule = Rule(a.min_seconds, a.min_factor, a.repeats or 3)
         result = one_gpu(
-            model, s, out_dir / "one-gpu-work", a.requests, a.serve_requests, tuple(a.levels), tuple(a.hf_batch_sizes)
+            model,
+            s,
+            out_dir / "one-gpu-work",
+            rule,
+            distribution(a),
+            tuple(a.scan),
+            a.batch_rows,
+            a.serve_requests,
+            tuple(a.levels),
+            tuple(a.hf_batch_sizes),
+            save=save,
         )
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "walkthrough":
@@ -148,7 +168,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
             a.engines,
             engine_args,
             out_dir,
-            repeats=a.repeats,
+            repeats=a.repeats or 1,
             hf_batch_sizes=a.hf_batch_sizes,
             as_vllm_bench=a.as_vllm_bench,
             engines_per_gpu=a.engines_per_gpu,

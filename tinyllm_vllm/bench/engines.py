@@ -45,6 +45,10 @@ class EngineSpec:
     as_vllm_bench: bool = False
     shard: tuple[int, int] | None = None  # (i, k): every k-th request from the i-th, for k engines on one GPU
     lockstep: bool = False
+    # steady state (``rule.Rule`` and a ``workload.ChatLike`` as dicts): timed runs fed from an endless request
+    # stream until the rule holds, instead of one pass over ``workload``
+    rule: dict[str, Any] | None = None
+    stream: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -61,8 +65,13 @@ VLLM_ENGINES = ("plugin", "qwen2")
 
 
 def _env() -> dict[str, str]:
-    # vLLM logs to stdout by default, which is the pipe that carries an engine's result: its log goes to the file
-    return os.environ | {"VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+    from ..settings import Settings
+    from ..startup import cache_env
+
+    # vLLM logs to stdout by default, which is the pipe that carries an engine's result: its log goes to the file.
+    # The compile cache is the kit's, so servers started after the engines reuse what they compiled.
+    home = Settings.from_env().home
+    return os.environ | cache_env(home) | {"VLLM_LOGGING_STREAM": "ext://sys.stderr"}
 
 
 WARM_UP = 512  # requests every vLLM engine runs before it is timed (the first traffic of an engine is slower)
@@ -145,9 +154,83 @@ def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
     }
 
 
+def _stream(spec: EngineSpec, vocab: int, prefix: tuple[int, ...], seed_offset: int, repeat: int) -> Any:
+    """This engine's requests of the stream (its shard), as ``hf_engines`` and ``feed.keep_full`` take them:
+    ``(index, prompt ids, reply length)``. Each repeat draws other requests; the warm-up another seed."""
+    from .workload import ChatLike, token_request
+
+    dist = replace(ChatLike(**spec.stream), seed=spec.stream["seed"] + seed_offset)
+    i, k = spec.shard or (0, 1)
+    m = 0
+    while True:
+        idx = repeat * 10_000_000 + i + k * m
+        m += 1
+        yield (idx, *token_request(dist, vocab, idx, prefix))
+
+
+def run_vllm_steady(spec: EngineSpec) -> dict:
+    """A vLLM engine timed by the rule: kept full (``feed.keep_full``) on the request stream, each repeat until
+    ``min_seconds`` and ``min_factor`` x its ``max_num_seqs`` requests; finished replies decoded to text."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from .. import feed
+    from .gpubusy import GpuBusy
+    from .rule import Rule, steady
+
+    args = dict(spec.engine_args, model_impl="vllm")
+    if spec.engine == "qwen2":
+        args["hf_overrides"] = {"architectures": ["Qwen2ForCausalLM"]}
+    t0 = time.perf_counter()
+    llm = LLM(spec.model, **args)
+    start_s = time.perf_counter() - t0
+    ready_at = time.time()
+    rule = Rule(**spec.rule)
+    tok = llm.get_tokenizer()
+    prefix, vocab = tuple(tok("")["input_ids"]), len(tok)
+    target = feed.max_num_seqs(llm)
+
+    def requests(seed_offset: int, repeat: int) -> Any:
+        for idx, ids, reply in _stream(spec, vocab, prefix, seed_offset, repeat):
+            params = SamplingParams(max_tokens=reply, ignore_eos=True, temperature=0, detokenize=False)
+            yield idx, TokensPrompt(prompt_token_ids=ids), params
+
+    import itertools
+
+    feed.keep_full(llm, itertools.islice(requests(1, 0), 2 * target), lambda d: None)  # warm-up: other requests
+    runs = []
+    for j in range(rule.repeats):
+        if spec.lockstep:
+            _wait_for_go()
+        records: list[list[float]] = []
+
+        def done(d: feed.Done, records: list[list[float]] = records) -> None:
+            tok.decode(d.token_ids, skip_special_tokens=True)  # the text a user gets, as the batch writes it
+            records.append([d.sent, d.end, len(d.token_ids)])
+
+        with GpuBusy() as busy:
+            t = time.time()
+            feed.keep_full(llm, requests(0, j), done, keep_adding=rule.keep_adding(t, target, time.time))
+        recs = [{"sent": a, "end": b, "tokens": n} for a, b, n in records]
+        runs.append(steady(recs, target, rule.steady_share) | {"gpu_busy": busy.mean, "records": records})
+    return {
+        "engine_start_s": start_s,
+        "ready_at": ready_at,
+        "max_num_seqs": target,
+        "runs": runs,
+    }
+
+
 def worker(spec: EngineSpec) -> dict:
     """Run one engine described by ``spec`` (what ``run_engine`` passes on stdin)."""
     from .workload import read_jsonl
+
+    if spec.rule and spec.engine in ("plugin", "qwen2"):
+        return run_vllm_steady(spec)
+    if spec.rule:
+        from .hf_engines import run_transformers_steady
+
+        return run_transformers_steady(spec)
 
     rows = read_jsonl(spec.workload)
     if spec.shard:  # one of several engines sharing the GPU: every k-th request

@@ -131,3 +131,73 @@ def run_transformers_cb(spec: EngineSpec, rows: list[dict]) -> dict:
         "requests_s": result["requests_s"],
         "attn_implementation": getattr(m.config, "_attn_implementation", None),
     }
+
+
+def run_transformers_steady(spec: EngineSpec) -> dict:
+    """transformers at its best, timed by the rule: static batches of the best size (probed if several are
+    given) drawn one after another from the request stream, until ``min_seconds`` and ``min_factor`` x the
+    batch size of requests. Every batch is padded to the widest prompt and run for the longest reply the
+    stream can ask for, as a static cache compiled once must be."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+
+    from .engines import _stream
+    from .gpubusy import GpuBusy
+    from .rule import Rule, steady
+
+    m, device, sync = _hf_model(spec.model, spec.engine_args.get("dtype"))
+    tok = AutoTokenizer.from_pretrained(spec.model)
+    prefix, vocab = tuple(tok("")["input_ids"]), len(tok)
+    rule = Rule(**spec.rule)
+    width = spec.stream["prompt_range"][1] + len(prefix)
+    steps = spec.stream["reply_max"]
+
+    def batch(source: Any, bs: int, cache: str) -> tuple[list[int], float, float]:
+        reqs = [next(source) for _ in range(bs)]
+        ids = torch.tensor([[0] * (width - len(p)) + p[-width:] for _, p, _ in reqs], device=device)
+        mask = (ids != 0).long()
+        mask[:, -1] = 1
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        sent = time.time()
+        m.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            **extra,
+        )
+        sync()
+        return [r for _, _, r in reqs], sent, time.time()
+
+    probe: dict[tuple[str, int], float] = {}
+    combos = [(c, bs) for c in spec.hf_caches for bs in spec.hf_batch_sizes]
+    with torch.inference_mode():
+        warm = _stream(spec, vocab, prefix, 1, 0)
+        for cache, bs in combos:
+            batch(warm, bs, cache)  # warm-up (static: compiles its shapes)
+            if len(combos) > 1:
+                replies, a, b = batch(warm, bs, cache)
+                probe[(cache, bs)] = sum(replies) / (b - a)
+        cache, bs = max(probe, key=probe.get) if probe else combos[0]
+        runs = []
+        for j in range(rule.repeats):
+            source, records = _stream(spec, vocab, prefix, 0, j), []
+            keep = rule.keep_adding(time.time(), bs, time.time)
+            with GpuBusy() as busy:
+                while keep(len(records)):
+                    replies, a, b = batch(source, bs, cache)
+                    records += [{"sent": a, "end": b, "tokens": r} for r in replies]
+            runs.append(steady(records, bs, rule.steady_share) | {"gpu_busy": busy.mean})
+    return {
+        "batch_size": bs,
+        "cache": cache,
+        "probe_useful_tok_s": {f"{c} {k}": round(v, 1) for (c, k), v in probe.items()},
+        "runs": runs,
+    }

@@ -142,6 +142,8 @@ def summarize(results: list[dict], concurrency: int) -> dict:
     span = max(r["end"] for r in recs) - min(r["sent"] for r in recs)
     ttft = [(r["first"] - r["sent"]) * 1000 for r in ok if r["first"]]
     tokens = sum(r["tokens"] for r in ok)
+    # time per output token after the first, per request
+    tpot = [(r["end"] - r["first"]) * 1000 / (r["tokens"] - 1) for r in ok if r["first"] and r["tokens"] > 1]
     level = {
         "concurrency": concurrency,
         "clients": len(results),
@@ -158,12 +160,94 @@ def summarize(results: list[dict], concurrency: int) -> dict:
         "ttft_ms_p50": _percentile(ttft, 50),
         "ttft_ms_p99": _percentile(ttft, 99),
         "e2e_ms_p50": _percentile([(r["end"] - r["sent"]) * 1000 for r in ok], 50),
+        "tpot_ms_p50": _percentile(tpot, 50),
+        "tpot_ms_p99": _percentile(tpot, 99),
         "client_overlap": overlap([res["records"] for res in results]),
         "client_cpu_share_max": max(res["cpu_share"] for res in results),
         "client_cpu_share_mean": statistics.fmean(res["cpu_share"] for res in results),
     }
+    from .rule import steady
+
+    rate = steady(
+        [{"sent": r["sent"], "first": r["first"], "end": r["end"], "tokens": r["tokens"]} for r in ok], concurrency
+    )
+    level |= {"steady_tok_s": rate["steady_tok_s"], "steady_s": rate["steady_s"]}
     level["valid"] = level["client_overlap"] >= MIN_OVERLAP and level["failed"] == 0
     return level
+
+
+class Metrics:
+    """vLLM's ``/metrics`` of each server, read every ``interval`` s while a level runs: requests running and
+    waiting, KV-cache use and preemptions, so a level's rate can be explained by what the engines did."""
+
+    NAMES = {
+        "vllm:num_requests_running": "running",
+        "vllm:num_requests_waiting": "waiting",
+        "vllm:kv_cache_usage_perc": "kv_cache_usage",
+        "vllm:num_preemptions_total": "preemptions",
+    }
+
+    def __init__(self, urls: list[str], interval: float = 1.0) -> None:
+        import threading
+
+        self.urls, self.interval = urls, interval
+        self.samples: dict[str, list[dict[str, float]]] = {u: [] for u in urls}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def read(self, url: str) -> dict[str, float]:
+        import httpx
+
+        out: dict[str, float] = {}
+        for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in self.NAMES and not line.startswith("#"):
+                key = self.NAMES[name]
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for u in self.urls:
+                try:
+                    self.samples[u].append(self.read(u))
+                except Exception:  # a server busy past the timeout: this sample is missing, the level goes on
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Metrics:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> list[dict]:
+        """Per server: mean running and waiting requests, peak KV-cache use, preemptions during the level."""
+        out = []
+        for u, xs in self.samples.items():
+            if not xs:
+                out.append({"url": u, "samples": 0})
+                continue
+
+            def mean(key: str, xs: list[dict[str, float]] = xs) -> float | None:
+                vals = [x[key] for x in xs if key in x]
+                return round(statistics.fmean(vals), 1) if vals else None
+
+            kv = [x["kv_cache_usage"] for x in xs if "kv_cache_usage" in x]
+            pre = [x["preemptions"] for x in xs if "preemptions" in x]
+            out.append(
+                {
+                    "url": u,
+                    "samples": len(xs),
+                    "running_mean": mean("running"),
+                    "waiting_mean": mean("waiting"),
+                    "kv_cache_usage_max": max(kv) if kv else None,
+                    "preemptions": (pre[-1] - pre[0]) if pre else None,
+                }
+            )
+        return out
 
 
 def clients_for(concurrency: int) -> int:

@@ -1,150 +1,282 @@
-"""``tinyllm-vllm bench one-gpu``: does the kit's default deployment use the whole GPU? -> one_gpu.json
+"""``tinyllm-vllm bench one-gpu``: how many useful tokens one GPU makes at steady state -> one_gpu.json
 
-In one run on one machine, on one chat-like workload:
+In one run on one machine, on one chat-like request stream (one seed), every figure timed by the
+measurement rule (``rule``: at least 20 s and 8x the requests in flight, warm-up on other requests,
+median of 3 with min-max):
 
-* offline: one engine with vLLM's defaults; one engine with the ``mp`` executor; the kit's one-GPU
-  configuration (``plan.plan``: N engines side by side, each on 1/N of the requests and of the memory,
-  timed together); vLLM's own Qwen2 class on the same weights; transformers at its best (dynamic and
-  static cache with compile, at each batch size; the best one is then timed on every request).
-  Every vLLM engine gets the same warm-up; GPU busy is sampled during each timed run.
-* serving through one endpoint: one ``vllm serve`` with the kit's settings, then the kit's default
-  deployment (``serve --replicas auto``: the replicas behind vllm-router). Each is warmed up, then
-  loaded by client processes started behind a barrier (``load``); a level whose clients did not run
-  together is run again and, if still not, marked invalid.
+* offline: one engine with vLLM's defaults; the plan scan (N engines side by side with the ``mp``
+  executor, each on 1/N of the memory, timed together, one run per N); the best N again with every
+  repeat; vLLM's own Qwen2 class on the same weights; transformers at its best (static cache with
+  compile at the given batch size, static batches one after another);
+* the kit's batch path: ``generate --input`` on ``batch_rows`` rows of the same stream with the best N
+  engines, against the best offline figure;
+* serving through one endpoint: the kit's default deployment (``serve --replicas auto``: the replicas
+  behind vllm-router), warmed on other requests, then loaded at each level by client processes started
+  behind a barrier (``load``), each repeat on its own requests; vLLM's ``/metrics`` of every replica are
+  read during each level.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..deploy import Replicas
 from ..plan import plan
-from ..server import VLLMServer
 from ..settings import Settings
 from . import load
-from .compare import machine, prepare_workload
+from .compare import machine
 from .engines import EngineSpec, run_engine
-from .gpubusy import GpuBusy
-from .sharing import run_engines_sharing_gpu
-from .workload import ChatLike
+from .rule import Rule, headline, median_spread
+from .sharing import combined_steady, run_engines_sharing_gpu
+from .workload import ChatLike, describe, text_rows
 
 
-def serve_levels(endpoint: Any, rows: list[dict], warm: list[dict], levels: list[int], clients: int) -> dict:
-    name = endpoint.served_model_name
-    load.run_load(endpoint.url, name, warm, min(256, len(warm)), clients)  # first traffic is slower: not counted
-    out = []
-    for c in levels:
-        with GpuBusy() as busy:
-            level = load.measured_level(endpoint.url, name, rows, c, clients)
-        out.append(level | {"gpu_busy": busy.mean})
-    return {"levels": out}
+def _stream(dist: ChatLike) -> dict:
+    return {k: v for k, v in asdict(dist).items() if k != "name"}
 
 
 def one_gpu(
     model: str | Path,
     settings: Settings,
     out_dir: Path,
-    requests: int = 4096,
-    serve_requests: int = 4096,
+    rule: Rule,
+    dist: ChatLike,
+    scan: tuple[int, ...] = (2, 4, 8),
+    batch_rows: int = 65536,
+    serve_requests: int = 16384,
     levels: tuple[int, ...] = (1024, 2048),
-    hf_batch_sizes: tuple[int, ...] = (256, 1024),
+    hf_batch_sizes: tuple[int, ...] = (1024,),
     progress: Callable[[str], Any] = print,
+    save: Callable[[dict], Any] | None = None,
 ) -> dict:
+    from transformers import AutoTokenizer
+
+    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+
     gpu = plan(settings, "auto")
-    path, description = prepare_workload(model, ChatLike(requests=requests), out_dir)
-    base = EngineSpec(str(model), str(path), engine_args=settings.engine_options())
-    result: dict[str, Any] = {"kind": "one-gpu", "machine": machine(), "workload": description, "plan": gpu.why}
+    tok = AutoTokenizer.from_pretrained(str(model))
+    spec = EngineSpec(str(model), "", engine_args=settings.engine_options(), rule=asdict(rule), stream=_stream(dist))
+    result: dict[str, Any] = {
+        "kind": "one-gpu",
+        "machine": machine(),
+        "workload": describe(dist),
+        "plan": gpu.why,
+        "method": rule.describe(),
+    }
     runs: dict[str, Any] = {}
     result["runs"] = runs
     t0 = time.monotonic()
 
     def step(name: str, r: dict) -> dict:
-        tok = f"{r['useful_tok_s']:,.0f} useful tok/s" if "useful_tok_s" in r else f"failed: {r.get('error')}"
-        progress(f"[one-gpu] {name}: {tok} ({time.monotonic() - t0:.0f} s)")
+        if "useful_tok_s" in r:
+            lo, hi = r["spread"]
+            said = f"{r['useful_tok_s']:,.0f} useful tok/s [{lo:,.0f}, {hi:,.0f}], runs of >= {r['seconds']:.0f} s"
+        else:
+            said = f"failed: {str(r.get('error'))[:300]}"
+        progress(f"[one-gpu] {name}: {said} ({time.monotonic() - t0:.0f} s)")
+        if save:
+            save(result)
         return r
 
-    offline = runs["offline"] = {}
-    offline["single_engine"] = step("one engine, vLLM defaults", run_engine(base))
-    mp = replace(base, engine_args=base.engine_args | gpu.engine_options)
-    offline["single_engine_mp"] = step("one engine, mp executor", run_engine(mp))
-    if gpu.engines > 1:
-        shared = run_engines_sharing_gpu(mp, gpu.engines, settings)
-        offline["best"] = step(f"{gpu.engines} engines side by side", shared)
-    offline["qwen2"] = step("vLLM's Qwen2 class", run_engine(replace(base, engine="qwen2")))
-    hf = replace(base, engine="transformers_static", hf_batch_sizes=hf_batch_sizes, hf_caches=("dynamic", "static"))
-    offline["transformers"] = step("transformers at its best", run_engine(hf, timeout=900))
+    def engine(s: EngineSpec, timeout: float = 1800) -> dict:
+        r = run_engine(s, timeout=timeout)
+        if "error" in r:
+            return r
+        if s.engine.startswith("transformers"):
+            return {k: v for k, v in r.items() if k != "runs"} | {"runs": r["runs"]} | headline(r["runs"])
+        return combined_steady([r], s.rule) | {"engines": 1}
 
-    serve_path, serve_description = prepare_workload(
-        model, ChatLike(requests=serve_requests, seed=3), out_dir / "serve"
-    )
-    warm_path, _ = prepare_workload(model, ChatLike(requests=1024, seed=4), out_dir / "warm")
-    rows, warm = load.rows_for(serve_path), load.rows_for(warm_path)
-    clients = load.clients_for(max(levels))
-    serving = runs["serving"] = {"workload": serve_description, "clients": clients}
-    with VLLMServer(model, settings=settings, echo=progress) as server:
-        serving["single_server"] = serve_levels(server, rows, warm, list(levels[:1]), clients)
-    progress(f"[one-gpu] one server: {best_tok_s(serving['single_server']):,.0f} output tok/s")
-    with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
-        serving["replicas"] = serve_levels(fleet, rows, warm, list(levels), clients)
-        serving["replicas"] |= {"replicas": len(fleet.servers), "api_server_count": gpu.api_server_count}
-    progress(f"[one-gpu] {gpu.engines} replicas + router: {best_tok_s(serving['replicas']):,.0f} output tok/s")
+    offline = runs["offline"] = {}
+    offline["single_engine"] = step("one engine, vLLM defaults", engine(spec))
+    mp = replace(spec, engine_args=spec.engine_args | gpu.engine_options)
+    scanned = runs["plan_scan"] = []
+    best: dict[str, Any] = {}
+    for k in scan:
+        # the plan's own count is run with every repeat (it is the likely best); the others once
+        full = k == gpu.engines
+        try:
+            r = run_engines_sharing_gpu(mp if full else replace(mp, rule=asdict(replace(rule, repeats=1))), k, settings)
+        except RuntimeError as e:
+            r = {"error": str(e)[-500:]}
+        scanned.append({"engines": k, "engine_options": gpu.engine_options} | step(f"scan: {k} engines, mp", r))
+        if full and "useful_tok_s" in r:
+            best = r | {"engine_options": gpu.engine_options}
+    measured = [x for x in scanned if "useful_tok_s" in x]
+    best_k = max(measured, key=lambda x: x["useful_tok_s"])["engines"] if measured else gpu.engines
+    if best.get("engines") != best_k:  # another count won its one run: time it with every repeat
+        try:
+            best = run_engines_sharing_gpu(mp, best_k, settings) | {"engine_options": gpu.engine_options}
+        except RuntimeError as e:
+            best = {"error": str(e)[-500:]}
+    offline["best"] = step(f"best: {best_k} engines side by side", best)
+    runs["batch"] = _batch(model, settings, out_dir, dist, tok, batch_rows, best_k, progress)
+    if "useful_tok_s" in runs["batch"]:
+        progress(f"[one-gpu] batch: {runs['batch']['useful_tok_s']:,.0f} tok/s ({time.monotonic() - t0:.0f} s)")
+    if save:
+        save(result)
+    try:
+        runs["serving"] = _serving(model, settings, dist, tok, rule, serve_requests, levels, gpu, progress)
+    except Exception as e:  # the offline figures stand: say what failed
+        runs["serving"] = {"error": f"{type(e).__name__}: {e}", "levels": []}
+    if save:
+        save(result)
+    # a comparison of two model classes on the same weights, not a headline: one run by the rule
+    qwen2 = replace(spec, engine="qwen2", rule=asdict(replace(rule, repeats=1)))
+    offline["qwen2"] = step("vLLM's Qwen2 class (one run)", engine(qwen2))
+    hf = replace(spec, engine="transformers_static", hf_batch_sizes=hf_batch_sizes, hf_caches=("static",))
+    offline["transformers"] = step("transformers at its best", engine(hf, timeout=1800))
+
     return summarized(result)
 
 
+def _batch(
+    model: str | Path,
+    settings: Settings,
+    out_dir: Path,
+    dist: ChatLike,
+    tok: Any,
+    rows: int,
+    engines: int,
+    progress: Callable[[str], Any],
+) -> dict:
+    """``generate --input`` on ``rows`` rows of the stream, each with its own reply length (``max_tokens``,
+    ``ignore_eos``): completed as text (``--raw``), written in input order."""
+    from ..batch import BatchJob, run_batch
+
+    work = out_dir / "batch"
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "in.jsonl"
+    with open(path, "w") as f:
+        for i, r in enumerate(text_rows(dist, tok, range(rows))):
+            line = {"id": i, "prompt": r["prompt"], "max_tokens": r["output_tokens"], "ignore_eos": True}
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out = work / "out.jsonl"
+    out.unlink(missing_ok=True)
+    job = BatchJob(path, out, engines=str(engines), raw=True)
+    try:
+        summary = run_batch(Path(model), job, settings, echo=lambda line: progress(f"[one-gpu] batch: {line}"))
+    except Exception as e:  # the other figures stand: say what failed
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        for f in (path, out):
+            f.unlink(missing_ok=True)
+    command = f"tinyllm-vllm generate --input ROWS.jsonl --output OUT.jsonl --raw --engines {engines}"
+    return summary | {"command": command}
+
+
+def _serving(
+    model: str | Path,
+    settings: Settings,
+    dist: ChatLike,
+    tok: Any,
+    rule: Rule,
+    requests: int,
+    levels: tuple[int, ...],
+    gpu: Any,
+    progress: Callable[[str], Any],
+) -> dict:
+    from ..deploy import Replicas
+
+    clients = load.clients_for(max(levels))
+    warm = text_rows(replace(dist, seed=dist.seed + 1), tok, range(2 * max(levels)))
+    out: dict[str, Any] = {"clients": clients, "requests_per_run": requests, "levels": []}
+    with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
+        out |= {"replicas": len(fleet.servers), "api_server_count": gpu.api_server_count}
+        name, urls = fleet.served_model_name, [s.url for s in fleet.servers]
+        load.run_load(fleet.url, name, warm, min(max(levels), len(warm)), clients)  # warm-up: other requests
+        for c in levels:
+            runs = []
+            for j in range(rule.repeats):
+                rows = text_rows(dist, tok, range(j * requests, (j + 1) * requests))
+                with load.Metrics(urls) as metrics:
+                    level = load.measured_level(fleet.url, name, rows, c, clients)
+                runs.append(level | {"metrics": metrics.summary()})
+                progress(
+                    f"[one-gpu] serving, {c} in flight, run {j + 1}: {level['steady_tok_s']:,.0f} output tok/s "
+                    f"steady ({level['output_tok_s']:,.0f} whole run, {level['duration_s']:.0f} s), "
+                    f"{level['failed']} failed, overlap {level['client_overlap']:.0%}"
+                )
+            out["levels"].append({"concurrency": c, "runs": runs})
+    return out
+
+
 def summarized(result: dict) -> dict:
-    """The result with its headline keys (``summary``) at the top, rebuilt from its runs; an older layout
-    (runs at the top, a ``summary`` key) is brought to this one. ``tinyllm-vllm bench report`` runs it."""
-    if "runs" not in result:
-        result = {k: v for k, v in result.items() if k not in ("offline", "serving", "summary")} | {
-            "runs": {"offline": result["offline"], "serving": result["serving"]}
-        }
-    head = {k: result[k] for k in ("kind", "machine", "workload", "plan")}
+    """The result with its headline keys at the top, rebuilt from its runs (``tinyllm-vllm bench report``)."""
+    head = {k: result[k] for k in ("kind", "machine", "workload", "plan", "method")}
     return head | summary(result) | {"runs": result["runs"]}
 
 
-def best_tok_s(run: dict) -> float:
-    return max((lv["output_tok_s"] for lv in run["levels"] if lv["valid"]), default=0.0)
+def _level_headline(level: dict) -> dict:
+    runs = level["runs"]
+    ms = median_spread([r["steady_tok_s"] for r in runs])
+    return {
+        "concurrency": level["concurrency"],
+        "tok_s": ms["median"],
+        "spread": ms["spread"],
+        "seconds": min(r["duration_s"] for r in runs),
+        "requests": min(r["requests"] for r in runs),
+        "ttft_ms_p99": statistics.median(r["ttft_ms_p99"] or 0 for r in runs),
+        "valid": all(r["valid"] for r in runs),
+    }
 
 
 def summary(r: dict) -> dict:
     """The keys the README and notebook 04 quote, from one run."""
-    off, srv = r["runs"]["offline"], r["runs"]["serving"]
-    best = off.get("best") or off["single_engine_mp"]
-    hf = off["transformers"]
-    top = max((lv for lv in srv["replicas"]["levels"] if lv["valid"]), key=lambda lv: lv["output_tok_s"], default=None)
-    all_levels = srv["single_server"]["levels"] + srv["replicas"]["levels"]
+    off, srv, batch = r["runs"]["offline"], r["runs"]["serving"], r["runs"]["batch"]
+    best, hf = off["best"], off.get("transformers", {})
+    busy = [x["gpu_busy"] for x in best.get("runs", []) if x.get("gpu_busy") is not None]
+    levels = [_level_headline(lv) for lv in srv["levels"]]
+    top = max((lv for lv in levels if lv["valid"]), key=lambda lv: lv["tok_s"], default=None)
+    all_runs = [x for lv in srv["levels"] for x in lv["runs"]]
+    best_tok = best.get("useful_tok_s")
     return {
-        "single_engine_useful_tok_s": off["single_engine"].get("useful_tok_s"),
-        "single_engine_gpu_busy": _busy(off["single_engine"]),
         "best_offline": {
-            "engines": best.get("engines", 1),
-            "engine_options": {"distributed_executor_backend": "mp"},
-            "useful_tok_s": best.get("useful_tok_s"),
-            "gpu_busy": _busy(best),
+            "engines": best.get("engines"),
+            "engine_options": best.get("engine_options"),
+            "useful_tok_s": best_tok,
+            "spread": best.get("spread"),
+            "seconds": best.get("seconds"),
+            "requests": best.get("requests"),
+            "gpu_busy": statistics.median(busy) if busy else None,
         },
-        "transformers_best_useful_tok_s": hf.get("useful_tok_s"),
-        "transformers_best_settings": {"cache": hf.get("cache"), "batch_size": hf.get("batch_size")},
-        "qwen2_useful_tok_s": off["qwen2"].get("useful_tok_s"),
+        "batch": {
+            "rows": batch.get("rows"),
+            "engines": batch.get("engines"),
+            "useful_tok_s": batch.get("useful_tok_s"),
+            "seconds": batch.get("generate_s"),
+            "seconds_in_all": batch.get("seconds"),
+            "over_best_offline": batch["useful_tok_s"] / best_tok if batch.get("useful_tok_s") and best_tok else None,
+        },
         "serving": {
-            "single_server_tok_s": best_tok_s(srv["single_server"]),
-            "best": {
-                "replicas": srv["replicas"]["replicas"],
-                "api_server_count": srv["replicas"]["api_server_count"],
-                "tok_s": top["output_tok_s"] if top else None,
-                "ttft_ms_p99": top["ttft_ms_p99"] if top else None,
-                "concurrency": top["concurrency"] if top else None,
-            },
-            "client_overlap_min": min(lv["client_overlap"] for lv in all_levels),
-            "client_cpu_share_max": max(lv["client_cpu_share_max"] for lv in all_levels),
-            "failed": sum(lv["failed"] for lv in all_levels),
+            "best": (
+                {"replicas": srv.get("replicas"), "api_server_count": srv.get("api_server_count")}
+                | {k: top[k] for k in ("concurrency", "tok_s", "spread", "seconds", "requests", "ttft_ms_p99")}
+                if top
+                else None
+            ),
+            "levels": levels,
+            "failed": sum(x["failed"] for x in all_runs),
+            "client_overlap_min": min((x["client_overlap"] for x in all_runs), default=None),
         },
+        "single_engine_useful_tok_s": off["single_engine"].get("useful_tok_s"),
+        "qwen2_useful_tok_s": off.get("qwen2", {}).get("useful_tok_s"),
+        "transformers_best_useful_tok_s": hf.get("useful_tok_s"),
+        "transformers_best_settings": {
+            "cache": off["transformers"].get("cache"),
+            "batch_size": off["transformers"].get("batch_size"),
+        },
+        "plan_scan": [
+            {
+                k: x.get(k)
+                for k in ("engines", "engine_options", "useful_tok_s", "seconds", "requests", "error")
+                if k in x
+            }
+            | {"gpu_busy": x["runs"][0].get("gpu_busy") if x.get("runs") else None}
+            for x in r["runs"]["plan_scan"]
+        ],
     }
-
-
-def _busy(r: dict) -> float | None:
-    runs = r.get("runs") or []
-    return runs[-1].get("gpu_busy") if runs else None

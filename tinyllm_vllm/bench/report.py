@@ -74,8 +74,8 @@ def serving_table(levels: list[dict]) -> str:
     for lv in levels:
         rows.append(
             f"| {lv['concurrency']} | {lv['clients']} | {lv['output_tok_s']:,.0f} | {lv['requests_s']:,.1f} | "
-            f"{lv['ttft_ms_p50']:.1f} / {lv['ttft_ms_p99']:.1f} | {lv['tpot_ms_p50']:.2f} / "
-            f"{lv['tpot_ms_p99']:.2f} | {lv['failed']} |"
+            f"{lv['ttft_ms_p50'] or 0:.1f} / {lv['ttft_ms_p99'] or 0:.1f} | {lv['tpot_ms_p50'] or 0:.2f} / "
+            f"{lv['tpot_ms_p99'] or 0:.2f} | {lv['failed']} |"
         )
     return "\n".join(rows)
 

@@ -40,7 +40,10 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
         launched = time.time()
         for i, log in enumerate(logs):
             started.append(engines.start_lockstep(replace(spec, engine_args=args, shard=(i, k)), log))
-        for _ in range(spec.repeats):
+        from .rule import Rule
+
+        repeats = Rule(**spec.rule).repeats if spec.rule else spec.repeats
+        for _ in range(repeats):
             for i in range(k):
                 if not engines.ready(started[i]):
                     raise failure(i, f"exited with code {started[i].wait()}")
@@ -57,6 +60,8 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
             engines.stop(p)
     for i, (result, log) in enumerate(zip(results, logs, strict=True)):
         engines.record_start(settings.home, f"benchmark engine ({spec.engine}) {i + 1}/{k}", launched, result, log)
+    if spec.rule:
+        return combined_steady(results, spec.rule) | {"engines": k}
     runs = []
     for j in range(spec.repeats):
         timed = [[x for x in r["runs"] if x["label"] == "harness"][j] for r in results]
@@ -79,3 +84,23 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
         "requests_s": statistics.median(r["requests_s"] for r in runs),
         "engine_start_s": max(r["engine_start_s"] for r in results),
     }
+
+
+def combined_steady(results: list[dict], rule: dict) -> dict:
+    """Engines timed together by the rule (``engines.run_vllm_steady``): each repeat's request records of all
+    engines as one run, in flight against the sum of their ``max_num_seqs``."""
+    from .rule import Rule, headline, steady
+
+    r = Rule(**rule)
+    target = sum(x["max_num_seqs"] for x in results)
+    runs = []
+    for j in range(r.repeats):
+        recs = [{"sent": a, "end": b, "tokens": n} for x in results for a, b, n in x["runs"][j]["records"]]
+        busy = [x["runs"][j]["gpu_busy"] for x in results if x["runs"][j]["gpu_busy"] is not None]
+        runs.append(steady(recs, target, r.steady_share) | {"gpu_busy": sum(busy) / len(busy) if busy else None})
+    return {
+        "max_num_seqs": target,
+        "runs": runs,
+        "engine_start_s": max(x["engine_start_s"] for x in results),
+        "ready_at": max(x["ready_at"] for x in results),
+    } | headline(runs)

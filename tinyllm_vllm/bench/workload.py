@@ -156,3 +156,27 @@ def to_sharegpt(rows: list[dict], tokenizer: PreTrainedTokenizerBase, path: str 
 def read_jsonl(path: str | Path) -> list[dict]:
     # split on "\n" only: prompts of random pieces can hold other line separators (U+2028, U+0085)
     return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
+
+
+def token_request(dist: ChatLike, vocab_size: int, i: int, prefix: tuple[int, ...] = ()) -> tuple[list[int], int]:
+    """Request ``i`` of an endless stream from ``dist``'s distribution and seed, as prompt token ids (``prefix``,
+    the tokenizer's ``[gMASK]sop``, then random text pieces) and its reply length. Any process makes the same
+    request ``i``: the offline engines, the serving load (decoded to text) and the batch share one set."""
+    import numpy as np
+
+    rng = np.random.default_rng((dist.seed, i))
+    lo, hi = dist.prompt_range
+    prompt = int(rng.integers(lo, hi + 1))
+    reply = round(float(rng.lognormal(math.log(dist.reply_median), dist.reply_sigma)))
+    body = rng.integers(FIRST_TEXT_ID, vocab_size - CHATGLM_TOKENS, max(1, prompt - len(prefix)))
+    return [*prefix, *body.tolist()], min(dist.reply_max, max(dist.reply_min, reply))
+
+
+def text_rows(dist: ChatLike, tokenizer: PreTrainedTokenizerBase, indices: range) -> list[dict]:
+    """Requests ``indices`` of the stream as the serving load and the batch send them: text and reply length."""
+    prefix = tuple(tokenizer("")["input_ids"])
+    rows = []
+    for i in indices:
+        ids, reply = token_request(dist, len(tokenizer), i, prefix)
+        rows.append({"prompt": tokenizer.decode(ids[len(prefix) :]), "output_tokens": reply})
+    return rows
