@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -119,35 +120,74 @@ def plot_offline(results: list[dict], png: str | Path, title: str | None = None)
     return Path(png)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _range(spread: list[float] | None) -> str:
+    return f"{spread[0]:,.0f}-{spread[1]:,.0f}" if spread else "-"
+
+
 def one_gpu_table(result: dict) -> str:
-    """``bench one-gpu``'s result as two small tables: offline engines, then serving through one endpoint."""
-    off, summ = result["runs"]["offline"], result
+    """``bench one-gpu``'s result as tables: offline (median of the repeats, min-max, the shortest run), the plan
+    scan, the batch, and serving through one endpoint per level (with what vLLM's /metrics showed)."""
+    off = result["runs"]["offline"]
+    hf = result.get("transformers_best_settings") or {}
     names = {
-        "single_engine": "one engine, vLLM defaults",
-        "single_engine_mp": "one engine, mp executor",
-        "best": f"{summ['best_offline']['engines']} engines side by side (the kit's one-GPU plan)",
-        "qwen2": "vLLM's Qwen2 class, one engine",
-        "transformers": "transformers at its best ({cache} cache, batch {batch_size})".format(
-            **summ["transformers_best_settings"]
-        ),
+        "single_engine": "one `vllm.LLM`, vLLM's defaults",
+        "best": f"**{result['best_offline']['engines']} engines side by side** (`mp`, 1/N of the memory each)",
+        "qwen2": "vLLM's own Qwen2 class, one engine",
+        "transformers": f"transformers at its best ({hf.get('cache')} cache + compile, batch {hf.get('batch_size')})",
     }
-    rows = ["| offline | useful tok/s | GPU busy |", "|---|---:|---:|"]
+    rows = [
+        "| offline | useful tok/s (median) | min-max | runs | shortest run | requests | GPU busy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, label in names.items():
-        r = off.get(key)
-        if r and "useful_tok_s" in r:
-            busy = (r.get("runs") or [{}])[-1].get("gpu_busy")
-            rows.append(f"| {label} | {r['useful_tok_s']:,.0f} | {'-' if busy is None else f'{busy:.0%}'} |")
+        r = off.get(key) or {}
+        if "useful_tok_s" not in r:
+            continue
+        busy = [x.get("gpu_busy") for x in r.get("runs", []) if x.get("gpu_busy") is not None]
+        rows.append(
+            f"| {label} | {r['useful_tok_s']:,.0f} | {_range(r.get('spread'))} | {r.get('repeats', 1)} | "
+            f"{r['seconds']:.1f} s | {r['requests']:,} | {_pct(statistics.median(busy) if busy else None)} |"
+        )
     rows += [
         "",
-        "| through one endpoint | in flight | output tok/s | TTFT p99 | overlap |",
-        "|---|---:|---:|---:|---:|",
+        "| plan scan: engines side by side (`mp`) | useful tok/s (one run) | run | GPU busy |",
+        "|---:|---:|---:|---:|",
     ]
-    for key, label in (("single_server", "one vllm serve"), ("replicas", "replicas behind vllm-router")):
-        for lv in result["runs"]["serving"][key]["levels"]:
-            rows.append(
-                f"| {label} | {lv['concurrency']} | {lv['output_tok_s']:,.0f} | {lv['ttft_ms_p99'] / 1000:.1f} s | "
-                f"{lv['client_overlap']:.0%} |"
-            )
+    for x in result["plan_scan"]:
+        if x.get("useful_tok_s") is None:
+            rows.append(f"| {x['engines']} | failed | - | - |")
+            continue
+        rows.append(f"| {x['engines']} | {x['useful_tok_s']:,.0f} | {x['seconds']:.1f} s | {_pct(x.get('gpu_busy'))} |")
+    b = result["batch"]
+    if b.get("useful_tok_s"):
+        rows += [
+            "",
+            f"`generate --input`: {b['rows']:,} rows on {b['engines']} engines, {b['useful_tok_s']:,.0f} useful tok/s "
+            f"while all engines generated ({b['over_best_offline']:.2f}x the best offline figure), "
+            f"{b['seconds']:.1f} s from the first engine ready to the last row, {b['seconds_in_all']:.0f} s in all.",
+        ]
+    rows += [
+        "",
+        "| through one endpoint | in flight | output tok/s (median, steady) | min-max | shortest run | requests | "
+        "TTFT p99 | running / waiting per replica | preemptions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    srv = result["runs"]["serving"]
+    for lv, head in zip(srv.get("levels", []), result["serving"]["levels"], strict=True):
+        metrics = [m for run in lv["runs"] for m in run.get("metrics", []) if m.get("samples")]
+        running = [m["running_mean"] for m in metrics if m.get("running_mean") is not None]
+        waiting = [m["waiting_mean"] for m in metrics if m.get("waiting_mean") is not None]
+        pre = sum(m.get("preemptions") or 0 for m in metrics)
+        load = f"{statistics.fmean(running):,.0f} / {statistics.fmean(waiting):,.0f}" if running and waiting else "-"
+        rows.append(
+            f"| {srv.get('replicas')} replicas behind vllm-router | {head['concurrency']} | {head['tok_s']:,.0f} | "
+            f"{_range(head['spread'])} | {head['seconds']:.1f} s | {head['requests']:,} | "
+            f"{head['ttft_ms_p99'] / 1000:.1f} s | {load} | {pre:,.0f} |"
+        )
     return "\n".join(rows)
 
 
