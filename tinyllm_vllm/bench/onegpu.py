@@ -1,13 +1,13 @@
 """``tinyllm-vllm bench one-gpu``: how many useful tokens one GPU makes at steady state -> one_gpu.json
 
 In one run on one machine, on one chat-like request stream (one seed), every figure timed by the
-measurement rule (``rule``: at least 20 s and 8x the requests in flight, warm-up on other requests,
-median of 3 with min-max):
+measurement rule (``rule``: at least 20 s and 8x the requests in flight, warm-up on other requests):
 
-* offline: one engine with vLLM's defaults; the plan scan (N engines side by side with the ``mp``
-  executor, each on 1/N of the memory, timed together, one run per N); the best N again with every
-  repeat; vLLM's own Qwen2 class on the same weights; transformers at its best (static cache with
-  compile at the given batch size, static batches one after another);
+* offline: one engine with vLLM's defaults (median of the repeats, with min-max); the plan scan (N
+  engines side by side with the ``mp`` executor, each on 1/N of the memory, timed together: the plan's
+  own N with every repeat, the others one run each, and a winner other than the plan's timed again with
+  every repeat); then, one run each, transformers at its best (static cache with compile at the given
+  batch size, static batches one after another) and vLLM's own Qwen2 class on the same weights;
 * the kit's batch path: ``generate --input`` on ``batch_rows`` rows of the same stream with the best N
   engines, against the best offline figure;
 * serving through one endpoint: the kit's default deployment (``serve --replicas auto``: the replicas
@@ -125,11 +125,12 @@ def one_gpu(
         runs["serving"] = {"error": f"{type(e).__name__}: {e}", "levels": []}
     if save:
         save(result)
+    hf = replace(spec, engine="transformers_static", hf_batch_sizes=hf_batch_sizes, hf_caches=("static",))
+    hf = replace(hf, rule=asdict(replace(rule, repeats=1)))  # the baseline, as the scan: one run by the rule
+    offline["transformers"] = step("transformers at its best (one run)", engine(hf, timeout=1800))
     # a comparison of two model classes on the same weights, not a headline: one run by the rule
     qwen2 = replace(spec, engine="qwen2", rule=asdict(replace(rule, repeats=1)))
     offline["qwen2"] = step("vLLM's Qwen2 class (one run)", engine(qwen2))
-    hf = replace(spec, engine="transformers_static", hf_batch_sizes=hf_batch_sizes, hf_caches=("static",))
-    offline["transformers"] = step("transformers at its best", engine(hf, timeout=1800))
 
     return summarized(result)
 
