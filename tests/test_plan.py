@@ -25,7 +25,17 @@ def test_auto_fills_a_gpu_as_far_as_the_cores_allow(h200):
     h200(8)
     assert planning.plan(settings).engines == 2
     h200(64)  # more cores: still the measured useful count
-    assert planning.plan(settings).engines == planning.USEFUL_ENGINES_PER_GPU
+    assert planning.plan(settings).engines == planning.USEFUL_REPLICAS_PER_GPU
+
+
+def test_offline_engines_are_planned_from_the_scan(h200):
+    """The batch and the benchmarks: offline engines need fewer cores each than replicas, and the scan found 8."""
+    settings = Settings(device="cuda")
+    h200(16)
+    p = planning.plan(settings, offline=True)
+    assert p.engines == 8 and "16 CPU cores allow 8" in p.why and "8 offline engines made the most" in p.why
+    h200(8)
+    assert planning.plan(settings, offline=True).engines == 4
 
 
 def test_a_light_start_keeps_the_count_with_vllms_one_engine_layout(h200):

@@ -158,7 +158,7 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
     todo = [i for i in range(len(rows)) if i not in done]
     summary: dict[str, Any] = {"rows": len(rows), "done_before": len(done), "engines": 0}
     if todo:
-        gpu = plan(settings, job.engines)
+        gpu = plan(settings, job.engines, offline=True)
         n = min(gpu.engines, len(todo))  # the plan alone decides, short of more engines than rows
         summary["engines"] = n
         echo(f"{len(todo)} of {len(rows)} rows to generate ({len(done)} done before) with {n} engine(s)")

@@ -58,7 +58,7 @@ def one_gpu(
 
     import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
 
-    gpu = plan(settings, "auto")
+    gpu = plan(settings, "auto", offline=True)
     tok = AutoTokenizer.from_pretrained(str(model))
     spec = EngineSpec(str(model), "", engine_args=settings.engine_options(), rule=asdict(rule), stream=_stream(dist))
     result: dict[str, Any] = {
@@ -187,7 +187,7 @@ def _serving(
     warm = text_rows(replace(dist, seed=dist.seed + 1), tok, range(2 * max(levels)))
     out: dict[str, Any] = {"clients": clients, "requests_per_run": requests, "levels": []}
     with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
-        out |= {"replicas": len(fleet.servers), "api_server_count": gpu.api_server_count}
+        out |= {"replicas": len(fleet.servers), "api_server_count": fleet.plan.api_server_count, "plan": fleet.plan.why}
         name, urls = fleet.served_model_name, [s.url for s in fleet.servers]
         load.run_load(fleet.url, name, warm, min(max(levels), len(warm)), clients)  # warm-up: other requests
         for c in levels:
@@ -228,14 +228,20 @@ def _level_headline(level: dict) -> dict:
 
 def summary(r: dict) -> dict:
     """The keys the README and notebook 04 quote, from one run."""
-    off, srv, batch = r["runs"]["offline"], r["runs"]["serving"], r["runs"]["batch"]
+    off, batch = r["runs"]["offline"], r["runs"].get("batch", {})
+    srv = r["runs"].get("serving") or {"levels": []}
     best, hf = off["best"], off.get("transformers", {})
     busy = [x["gpu_busy"] for x in best.get("runs", []) if x.get("gpu_busy") is not None]
     levels = [_level_headline(lv) for lv in srv["levels"]]
     top = max((lv for lv in levels if lv["valid"]), key=lambda lv: lv["tok_s"], default=None)
     all_runs = [x for lv in srv["levels"] for x in lv["runs"]]
     best_tok = best.get("useful_tok_s")
+    missing = [k for k in ("batch", "serving") if k not in r["runs"]]
+    missing += [k for k in ("transformers", "qwen2") if k not in off]
     return {
+        # a run cut short (its machine's time ran out) keeps what it measured and says what it lacks
+        "complete": not missing,
+        "missing": missing,
         "best_offline": {
             "engines": best.get("engines"),
             "engine_options": best.get("engine_options"),
@@ -268,13 +274,33 @@ def summary(r: dict) -> dict:
         "qwen2_useful_tok_s": off.get("qwen2", {}).get("useful_tok_s"),
         "transformers_best_useful_tok_s": hf.get("useful_tok_s"),
         "transformers_best_settings": {
-            "cache": off["transformers"].get("cache"),
-            "batch_size": off["transformers"].get("batch_size"),
+            "cache": hf.get("cache"),
+            "batch_size": hf.get("batch_size"),
         },
         "plan_scan": [
             {
+                "engines": 1,
+                "engine_options": "vLLM's defaults",
+                "useful_tok_s": off["single_engine"].get("useful_tok_s"),
+                "seconds": off["single_engine"].get("seconds"),
+                "requests": off["single_engine"].get("requests"),
+                "repeats": off["single_engine"].get("repeats"),
+                "gpu_busy": (off["single_engine"].get("runs") or [{}])[0].get("gpu_busy"),
+            }
+        ]
+        + [
+            {
                 k: x.get(k)
-                for k in ("engines", "engine_options", "useful_tok_s", "seconds", "requests", "error")
+                for k in (
+                    "engines",
+                    "engine_options",
+                    "useful_tok_s",
+                    "spread",
+                    "seconds",
+                    "requests",
+                    "repeats",
+                    "error",
+                )
                 if k in x
             }
             | {"gpu_busy": x["runs"][0].get("gpu_busy") if x.get("runs") else None}

@@ -154,14 +154,21 @@ def one_gpu_table(result: dict) -> str:
         )
     rows += [
         "",
-        "| plan scan: engines side by side (`mp`) | useful tok/s (one run) | run | GPU busy |",
-        "|---:|---:|---:|---:|",
+        "| plan scan: engines side by side (`mp`) | useful tok/s | runs | shortest run | GPU busy (first run) |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for x in result["plan_scan"]:
+        if x["engines"] == 1:
+            continue  # the single engine's row above
         if x.get("useful_tok_s") is None:
-            rows.append(f"| {x['engines']} | failed | - | - |")
+            rows.append(f"| {x['engines']} | failed | - | - | - |")
             continue
-        rows.append(f"| {x['engines']} | {x['useful_tok_s']:,.0f} | {x['seconds']:.1f} s | {_pct(x.get('gpu_busy'))} |")
+        rows.append(
+            f"| {x['engines']} | {x['useful_tok_s']:,.0f} | {x.get('repeats', 1)} | {x['seconds']:.1f} s | "
+            f"{_pct(x.get('gpu_busy'))} |"
+        )
+    if result.get("missing"):
+        rows += ["", f"Not measured in this run (it was cut short): {', '.join(result['missing'])}."]
     b = result["batch"]
     if b.get("useful_tok_s"):
         rows += [
@@ -170,13 +177,15 @@ def one_gpu_table(result: dict) -> str:
             f"while all engines generated ({b['over_best_offline']:.2f}x the best offline figure), "
             f"{b['seconds']:.1f} s from the first engine ready to the last row, {b['seconds_in_all']:.0f} s in all.",
         ]
+    srv = result["runs"].get("serving") or {}
+    if not srv.get("levels"):
+        return "\n".join(rows)
     rows += [
         "",
         "| through one endpoint | in flight | output tok/s (median, steady) | min-max | shortest run | requests | "
         "TTFT p99 | running / waiting per replica | preemptions |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    srv = result["runs"]["serving"]
     for lv, head in zip(srv.get("levels", []), result["serving"]["levels"], strict=True):
         metrics = [m for run in lv["runs"] for m in run.get("metrics", []) if m.get("samples")]
         running = [m["running_mean"] for m in metrics if m.get("running_mean") is not None]
