@@ -1,5 +1,7 @@
 """The one-GPU plan and the one memory-share rule, on the numbers a GPU box would report."""
 
+import os
+
 import pytest
 
 from tinyllm_vllm import plan as planning
@@ -78,3 +80,30 @@ def test_a_bad_count_is_named():
 
     with pytest.raises(SettingsError, match="'lots' engines or replicas: expected a number"):
         planning.plan(Settings(device="cpu"), "lots")
+
+
+def test_serve_auto_plans_once_reads_nvidia_smi_once_and_keeps_the_reason(tmp_path, monkeypatch):
+    """``serve --replicas auto`` on a GPU box: the plan is decided once and handed to the replicas, which start
+    with its reason (not "as asked"); nvidia-smi is read once for the plan and the memory shares together."""
+    import argparse
+
+    from tinyllm_vllm import cli
+
+    calls = tmp_path / "calls"
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 143771\n')  # an H200's memory.total in MiB
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(planning.os, "sched_getaffinity", lambda pid: set(range(16)))
+    planning.gpu_memory_gib.cache_clear()
+    try:
+        a = argparse.Namespace(host="127.0.0.1", port=0, api_key=None, vllm_args=[])
+        said = []
+        monkeypatch.setattr(cli, "say", said.append)
+        replicas = cli._deployment(a, Settings(device="cuda"), tmp_path, "auto")
+        assert len(replicas.servers) == 4 and "16 CPU cores allow 4" in replicas.plan.why
+        assert "as asked" not in replicas.plan.why
+        assert len(calls.read_text().splitlines()) == 1  # the plan and the 4 memory shares: one read
+    finally:
+        planning.gpu_memory_gib.cache_clear()

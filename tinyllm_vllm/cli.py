@@ -97,13 +97,13 @@ def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str =
     from .plan import plan
     from .server import VLLMServer
 
-    n = plan(s, replicas).engines
+    gpu = plan(s, replicas)  # decided once: the replicas get this plan, and its reason
     kw = {"settings": s, "host": a.host, "port": _port(a), "echo": say}
-    if n > 1:
+    if gpu.engines > 1:
         if a.api_key:
             say("--api-key: one server instead of replicas (vllm-router passes no key to the servers)")
         else:
-            return Replicas(model, n, a.vllm_args, **kw)
+            return Replicas(model, gpu, a.vllm_args, **kw)
     return VLLMServer(model, a.vllm_args, api_key=a.api_key, **kw)
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .errors import ServerError
-from .plan import plan, share
+from .plan import GpuPlan, plan, share
 from .server import ManagedProcess, VLLMServer, free_port
 from .settings import Settings
 
@@ -135,7 +135,7 @@ class Replicas:
     def __init__(
         self,
         model: str | Path,
-        n: int | str = "auto",
+        n: int | str | GpuPlan = "auto",
         vllm_args: Sequence[str] = (),
         *,
         settings: Settings | None = None,
@@ -149,7 +149,8 @@ class Replicas:
         light: bool = False,
     ) -> None:
         settings = settings or Settings.from_env()
-        self.plan = plan(settings, n, light)
+        # a plan the caller resolved is used as it is (its reason kept); a count or auto is planned here
+        self.plan = n if isinstance(n, GpuPlan) else plan(settings, n, light)
         n = self.plan.engines
         if n < 1:
             raise ServerError(f"--replicas {n}: need at least one")

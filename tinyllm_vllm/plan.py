@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,9 @@ class GpuPlan:
     why: str
 
 
+@functools.cache
 def gpu_memory_gib() -> float | None:
-    """Total memory of the first GPU in GiB (nvidia-smi), or None without one."""
+    """Total memory of the first GPU in GiB (nvidia-smi, read once a process), or None without one."""
     import shutil
     import subprocess
 

@@ -87,7 +87,8 @@ def ray_vs_router(
     levels: tuple[int, ...] = (1024,),
     progress: Callable[[str], Any] = print,
 ) -> dict:
-    n = plan(settings, "auto").engines
+    gpu = plan(settings, "auto")  # both sides get the same plan
+    n = gpu.engines
     serve_path, description = prepare_workload(model, ChatLike(requests=requests, seed=3), out_dir / "serve")
     warm_path, _ = prepare_workload(model, ChatLike(requests=1024, seed=4), out_dir / "warm")
     rows, warm = load.rows_for(serve_path), load.rows_for(warm_path)
@@ -112,7 +113,7 @@ def ray_vs_router(
             f"back after {killed['restart_s']} s"
         )
     result["ray_processes_left"] = len(marked(app.token))
-    with Replicas(model, n, settings=settings, echo=progress) as fleet:
+    with Replicas(model, gpu, settings=settings, echo=progress) as fleet:
         runs["router"] = serve_levels(fleet, rows, warm, list(levels), clients)
     progress(f"[ray] kit's replicas + vllm-router: {best_tok_s(runs['router']):,.0f} output tok/s")
     best = max(runs["ray"]["levels"], key=lambda lv: lv["output_tok_s"] if lv["valid"] else -1)
