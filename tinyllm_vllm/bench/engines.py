@@ -112,9 +112,9 @@ def _wait_for_go() -> None:
     sys.stdin.readline()
 
 
-def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def _start_llm(spec: EngineSpec) -> tuple[Any, float, float]:
+    """The spec's vLLM engine, the seconds its start took, and when (``time.time()``) it was ready."""
+    from vllm import LLM
 
     args = dict(spec.engine_args, model_impl="vllm")
     if spec.engine == "qwen2":
@@ -122,8 +122,14 @@ def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
         args["hf_overrides"] = {"architectures": ["Qwen2ForCausalLM"]}
     t0 = time.perf_counter()
     llm = LLM(spec.model, **args)
-    start_s = time.perf_counter() - t0
-    ready_at = time.time()
+    return llm, time.perf_counter() - t0, time.time()
+
+
+def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm, start_s, ready_at = _start_llm(spec)
     useful = sum(r["output_tokens"] for r in rows)
     runs = []
 
@@ -171,20 +177,14 @@ def _stream(spec: EngineSpec, vocab: int, prefix: tuple[int, ...], seed_offset: 
 def run_vllm_steady(spec: EngineSpec) -> dict:
     """A vLLM engine timed by the rule: kept full (``feed.keep_full``) on the request stream, each repeat until
     ``min_seconds`` and ``min_factor`` x its ``max_num_seqs`` requests; finished replies decoded to text."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from .. import feed
     from .gpubusy import GpuBusy
     from .rule import Rule, steady
 
-    args = dict(spec.engine_args, model_impl="vllm")
-    if spec.engine == "qwen2":
-        args["hf_overrides"] = {"architectures": ["Qwen2ForCausalLM"]}
-    t0 = time.perf_counter()
-    llm = LLM(spec.model, **args)
-    start_s = time.perf_counter() - t0
-    ready_at = time.time()
+    llm, start_s, ready_at = _start_llm(spec)
     rule = Rule(**spec.rule)
     tok = llm.get_tokenizer()
     prefix, vocab = tuple(tok("")["input_ids"]), len(tok)

@@ -25,6 +25,26 @@ def _hf_model(model: str, dtype: str | None) -> tuple[Any, str, Any]:
     return m, device, sync
 
 
+def _static_batch(m: Any, prompts: list[list[int]], width: int, steps: int, cache: str, device: str) -> int:
+    """One left-padded batch through ``generate`` for exactly ``steps`` tokens; returns the tokens generated."""
+    import torch
+
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}  # transformers compiles its decode step
+    out = m.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        **extra,
+    )
+    return (out.shape[1] - width) * out.shape[0]
+
+
 def run_transformers_static(spec: EngineSpec, rows: list[dict]) -> dict:
     """Left-padded static batches, each run until its longest request; the best batch size wins."""
     import torch
@@ -42,21 +62,8 @@ def run_transformers_static(spec: EngineSpec, rows: list[dict]) -> dict:
         batch = prompts[lo:hi]
         static = cache == "static"
         width = width_all if static else max(map(len, batch))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         steps = steps_all if static else max(r["output_tokens"] for r in rows[lo:hi])
-        extra = {"cache_implementation": "static"} if static else {}  # transformers compiles its decode step
-        out = m.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            **extra,
-        )
-        return (out.shape[1] - width) * out.shape[0]
+        return _static_batch(m, batch, width, steps, cache, device)
 
     probe = {}
     with torch.inference_mode():
@@ -158,21 +165,8 @@ def run_transformers_steady(spec: EngineSpec) -> dict:
 
     def batch(source: Any, bs: int, cache: str) -> tuple[list[int], float, float]:
         reqs = [next(source) for _ in range(bs)]
-        ids = torch.tensor([[0] * (width - len(p)) + p[-width:] for _, p, _ in reqs], device=device)
-        mask = (ids != 0).long()
-        mask[:, -1] = 1
-        extra = {"cache_implementation": "static"} if cache == "static" else {}
         sent = time.time()
-        m.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            **extra,
-        )
+        _static_batch(m, [p[-width:] for _, p, _ in reqs], width, steps, cache, device)
         sync()
         return [r for _, _, r in reqs], sent, time.time()
 
