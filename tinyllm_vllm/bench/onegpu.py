@@ -239,7 +239,7 @@ def summary(r: dict) -> dict:
     missing = [k for k in ("batch", "serving") if k not in r["runs"]]
     missing += [k for k in ("transformers", "qwen2") if k not in off]
     return {
-        # a run cut short (its machine's time ran out) keeps what it measured and says what it lacks
+        # a run stopped early keeps what it measured and says what it lacks
         "complete": not missing,
         "missing": missing,
         "best_offline": {
