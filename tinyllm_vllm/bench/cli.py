@@ -5,7 +5,7 @@ tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headli
 tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
 tinyllm-vllm bench html results/gpu/notebooks                       # executed notebooks (--executed) as HTML
 tinyllm-vllm bench starts --json results/gpu/starts.json            # where an engine's start goes
-tinyllm-vllm bench ray --json results/gpu/ray_serve.json            # Ray Serve LLM against the kit's replicas
+tinyllm-vllm bench ray --json ray_serve.json                        # Ray Serve LLM against the kit's replicas
 tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
 tinyllm-vllm bench offline --workload fixed --input-len 128 --output-len 128 --json fixed.json
 tinyllm-vllm bench vllm-throughput --workload chat --json vllm_bench.json
