@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,6 @@ class BatchJob:
         """Where the engines keep their results until the output is written."""
         return self.output.with_name(self.output.name + ".parts")
 
-    def sampling(self) -> dict[str, Any]:
-        """The command's sampling fields, which a row's own override."""
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
-
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -82,7 +78,6 @@ class WorkerSpec:
     engine_options: dict[str, Any]
     job: dict[str, Any]
     status: str = ""  # where the engine says when it was ready and when it finished
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -229,11 +224,11 @@ def _timing(statuses: list[dict]) -> dict:
 
 
 class _Progress:
-    """Rows written so far, read from the part files' new bytes only (each finished row is one line)."""
+    """Rows written since it was made, read from the part files' new bytes only (each finished row is one line)."""
 
     def __init__(self, job: BatchJob) -> None:
         self.job = job
-        self.offsets: dict[Path, int] = {}
+        self.offsets = {f: f.stat().st_size for f in _part_files(job)}  # earlier runs' rows are counted already
         self.lines = 0
 
     def count(self) -> int:
@@ -250,8 +245,6 @@ class _Progress:
 def _follow(job: BatchJob, workers: list, before: int, total: int, echo: Callable[[str], Any]) -> None:
     """Wait for the engines, saying how far they are about every 10%; a failed engine stops the run."""
     progress = _Progress(job)
-    progress.count()  # what earlier runs wrote is counted in ``before`` already
-    progress.lines = 0
     t0, last = time.monotonic(), -1
     while True:
         codes = [p.poll() for p, _, _ in workers]

@@ -16,6 +16,7 @@ the two can be compared within one engine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -194,8 +195,6 @@ def run_vllm_steady(spec: EngineSpec) -> dict:
         for idx, ids, reply in _stream(spec, vocab, prefix, seed_offset, repeat):
             params = SamplingParams(max_tokens=reply, ignore_eos=True, temperature=0, detokenize=False)
             yield idx, TokensPrompt(prompt_token_ids=ids), params
-
-    import itertools
 
     feed.keep_full(llm, itertools.islice(requests(1, 0), 2 * target), lambda d: None)  # warm-up: other requests
     runs = []

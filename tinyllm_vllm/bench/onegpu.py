@@ -88,7 +88,7 @@ def one_gpu(
         if "error" in r:
             return r
         if s.engine.startswith("transformers"):
-            return {k: v for k, v in r.items() if k != "runs"} | {"runs": r["runs"]} | headline(r["runs"])
+            return r | headline(r["runs"])
         return combined_steady([r], s.rule) | {"engines": 1}
 
     offline = runs["offline"] = {}
@@ -120,7 +120,7 @@ def one_gpu(
     if save:
         save(result)
     try:
-        runs["serving"] = _serving(model, settings, dist, tok, rule, serve_requests, levels, gpu, progress)
+        runs["serving"] = _serving(model, settings, dist, tok, rule, serve_requests, levels, progress)
     except Exception as e:  # the offline figures stand: say what failed
         runs["serving"] = {"error": f"{type(e).__name__}: {e}", "levels": []}
     if save:
@@ -178,7 +178,6 @@ def _serving(
     rule: Rule,
     requests: int,
     levels: tuple[int, ...],
-    gpu: Any,
     progress: Callable[[str], Any],
 ) -> dict:
     from ..deploy import Replicas
@@ -277,20 +276,10 @@ def summary(r: dict) -> dict:
             "cache": hf.get("cache"),
             "batch_size": hf.get("batch_size"),
         },
+        # the single engine is the scan's first point (vLLM's defaults, no mp)
         "plan_scan": [
             {
-                "engines": 1,
-                "engine_options": "vLLM's defaults",
-                "useful_tok_s": off["single_engine"].get("useful_tok_s"),
-                "seconds": off["single_engine"].get("seconds"),
-                "requests": off["single_engine"].get("requests"),
-                "repeats": off["single_engine"].get("repeats"),
-                "gpu_busy": (off["single_engine"].get("runs") or [{}])[0].get("gpu_busy"),
-            }
-        ]
-        + [
-            {
-                k: x.get(k)
+                k: x[k]
                 for k in (
                     "engines",
                     "engine_options",
@@ -304,6 +293,6 @@ def summary(r: dict) -> dict:
                 if k in x
             }
             | {"gpu_busy": x["runs"][0].get("gpu_busy") if x.get("runs") else None}
-            for x in r["runs"]["plan_scan"]
+            for x in [off["single_engine"] | {"engine_options": "vLLM's defaults"}, *r["runs"]["plan_scan"]]
         ],
     }

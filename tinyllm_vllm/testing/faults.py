@@ -223,7 +223,9 @@ def replica_killed_under_load(fleet: Replicas, n: int = 120, max_tokens: int = 3
         load = asyncio.create_task(
             _stream_many(fleet.base_url, fleet.served_model_name, n, max_tokens, None, concurrency, started, ended)
         )
-        await asyncio.sleep(1.0)
+        # the kill lands a quarter of the way into the load, however fast the machine sends it
+        while len(started) < n // 4 and not load.done():
+            await asyncio.sleep(0.01)
         victim = fleet.servers[-1]
         over = set(ended)
         os.killpg(victim.proc.pid, signal.SIGKILL)
