@@ -184,6 +184,8 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
             echo(f"stopped: {kept} of {len(rows)} rows are kept in {job.parts}; the same command resumes")
             raise
         summary |= _timing([json.loads(s.read_text()) for _, _, s in workers])
+    else:
+        echo(f"all {len(rows)} rows were done before; writing them in input order")
     results = done_indices(job)
     tmp = job.output.with_name(job.output.name + ".tmp")
     with open(tmp, "w") as f:
