@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 LAB_ARGS ?=
 
-.PHONY: install test lint reliability demo lab notebooks clean
+.PHONY: install test test-fast lint reliability demo lab notebooks clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	TINYLLM_MODEL=demo $(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit-test loop: every test that starts no vLLM engine and takes no seconds of its own (CI runs `test`)
+test-fast: install
+	TINYLLM_MODEL=demo $(PY) -m pytest -m "not vllm and not slow" tests $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

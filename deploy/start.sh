@@ -4,7 +4,7 @@
 set -euo pipefail
 model=$(python3 -c "
 import os
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 print(ensure_model(os.environ['TINYLLM_MODEL'], os.environ['TINYLLM_HOME'])[0])")
 # --model-impl vllm: without the plugin, loading fails instead of falling back to another implementation
 exec vllm serve "$model" --served-model-name "${TINYLLM_SERVED_NAME:-tinyllm_92m}" --host 0.0.0.0 --port 8000 \

@@ -30,8 +30,8 @@ def published_dir(tmp_path_factory, reference_dir) -> Path:
 def prepared_tokenizer(tmp_path_factory) -> Path:
     """A tiny random-weight TinyLLM with the real ChatGLM3 tokenizer (tests/data), prepared: tokenizer tests
     need no reference checkpoint."""
-    from tinyllm_vllm.checkpoint import prepare_checkpoint
-    from tinyllm_vllm.demo import DEMO_SHAPE, random_model
+    from tinyllm_vllm.model.checkpoint import prepare_checkpoint
+    from tinyllm_vllm.model.demo import DEMO_SHAPE, random_model
 
     base = tmp_path_factory.mktemp("tok")
     src = random_model(base / "src", data_path("chatglm3_tokenizer", "tokenizer.model"), shape=DEMO_SHAPE)
@@ -40,7 +40,7 @@ def prepared_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_ref(tmp_path_factory, published_dir) -> Path:
-    from tinyllm_vllm.checkpoint import prepare_checkpoint
+    from tinyllm_vllm.model.checkpoint import prepare_checkpoint
 
     return prepare_checkpoint(published_dir, tmp_path_factory.mktemp("prep") / "ref")
 
@@ -48,8 +48,8 @@ def prepared_ref(tmp_path_factory, published_dir) -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo model, prepared (needs no fixture)."""
-    from tinyllm_vllm.checkpoint import prepare_checkpoint
-    from tinyllm_vllm.demo import demo_model
+    from tinyllm_vllm.model.checkpoint import prepare_checkpoint
+    from tinyllm_vllm.model.demo import demo_model
 
     base = tmp_path_factory.mktemp("demo")
     return prepare_checkpoint(demo_model(base / "src"), base / "prepared", source="demo")
@@ -67,8 +67,8 @@ def cpu_settings(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_server(demo_dir, cpu_settings):
     """One real vLLM server on the demo model, shared by every test that only talks to it."""
-    from tinyllm_vllm.procs import group_members
-    from tinyllm_vllm.server import VLLMServer
+    from tinyllm_vllm.runtime.procs import group_members
+    from tinyllm_vllm.runtime.server import VLLMServer
 
     with VLLMServer(demo_dir, settings=cpu_settings, echo=None) as server:
         yield server

@@ -70,7 +70,7 @@ def test_profile_summaries(tmp_path):
 def test_executed_notebooks_become_pages_that_show_what_the_cells_printed(tmp_path):
     import nbformat
 
-    from tinyllm_vllm.bench.walkthrough import as_html
+    from tinyllm_vllm.bench.notebooks import as_html
 
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("print('replica 1/4 ready')")

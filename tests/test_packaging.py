@@ -5,6 +5,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT
 
 
@@ -14,6 +16,7 @@ def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.slow
 def test_a_wheel_install_builds_the_demo_model_and_prepares_it(tmp_path):
     run(
         sys.executable,
@@ -29,7 +32,7 @@ def test_a_wheel_install_builds_the_demo_model_and_prepares_it(tmp_path):
     )
     (wheel,) = (tmp_path / "dist").glob("tinyllm_vllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for data in ("demo/corpus.jsonl", "demo/tokenizer.model", "demo/model.safetensors", "py.typed"):
+    for data in ("model/demo/corpus.jsonl", "model/demo/tokenizer.model", "model/demo/model.safetensors", "py.typed"):
         assert f"tinyllm_vllm/{data}" in names, f"{data} is not in the wheel"
     # a fresh environment that sees this one's dependencies but not its editable install of the kit
     venv = tmp_path / "venv"
@@ -40,8 +43,8 @@ def test_a_wheel_install_builds_the_demo_model_and_prepares_it(tmp_path):
     run(str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel))
     script = (
         "import sys, tinyllm_vllm\n"
-        "from tinyllm_vllm.demo import demo_model\n"
-        "from tinyllm_vllm.checkpoint import prepare_checkpoint\n"
+        "from tinyllm_vllm.model.demo import demo_model\n"
+        "from tinyllm_vllm.model.checkpoint import prepare_checkpoint\n"
         "assert '/venv/' in tinyllm_vllm.__file__, tinyllm_vllm.__file__\n"
         "out = prepare_checkpoint(demo_model(sys.argv[1] + '/src'), sys.argv[1] + '/out')\n"
         "print(out)\n"

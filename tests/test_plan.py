@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tinyllm_vllm import plan as planning
+from tinyllm_vllm.runtime import plan as planning
 from tinyllm_vllm.settings import Settings
 
 
@@ -45,7 +45,7 @@ def test_a_light_start_keeps_the_count_with_vllms_one_engine_layout(h200):
     p = planning.plan(Settings(device="cuda"), "auto", light=True)
     assert (p.engines, p.api_server_count, p.engine_options) == (4, 1, {})
     assert "light start" in p.why
-    from tinyllm_vllm.deploy import Replicas
+    from tinyllm_vllm.runtime.deploy import Replicas
 
     def flag(replicas, name):
         flags = replicas.servers[0].command()
@@ -92,11 +92,13 @@ def test_serve_auto_plans_once_reads_nvidia_smi_once_and_keeps_the_reason(tmp_pa
     calls = tmp_path / "calls"
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 143771\n')  # an H200's memory.total in MiB
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "NVIDIA H200, 143771, Enabled"\n')  # name, MiB, persistence
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
     monkeypatch.setattr(planning.os, "sched_getaffinity", lambda pid: set(range(16)))
-    planning.gpu_memory_gib.cache_clear()
+    from tinyllm_vllm.runtime.procs import gpus
+
+    gpus.cache_clear()
     try:
         a = argparse.Namespace(host="127.0.0.1", port=0, api_key=None, vllm_args=[])
         said = []
@@ -104,6 +106,7 @@ def test_serve_auto_plans_once_reads_nvidia_smi_once_and_keeps_the_reason(tmp_pa
         replicas = cli._deployment(a, Settings(device="cuda"), tmp_path, "auto")
         assert len(replicas.servers) == 4 and "16 CPU cores allow 4" in replicas.plan.why
         assert "as asked" not in replicas.plan.why
+        assert any(line.startswith("plan: 4 replicas: 16 CPU cores allow 4") for line in said), said
         assert len(calls.read_text().splitlines()) == 1  # the plan and the 4 memory shares: one read
     finally:
-        planning.gpu_memory_gib.cache_clear()
+        gpus.cache_clear()

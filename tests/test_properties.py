@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinyllm_vllm.checkpoint import MANIFEST, CheckpointError, prepare_checkpoint
+from tinyllm_vllm.model.checkpoint import MANIFEST, CheckpointError, prepare_checkpoint
 
 from helpers import data_path, make_published
 

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.procs import wait_group_gone
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.procs import wait_group_gone
 
 from helpers import ROOT
 
@@ -99,3 +99,27 @@ def test_the_prepare_step_as_written(tmp_path, published_dir):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout[r.stdout.index("{") :])["source"] == "wdndev/tiny_llm_sft_92m"
+
+
+def test_the_module_map_matches_the_tree():
+    """Every module and folder of the package has its row in the README's module map (and every row names one
+    that exists); bench/ and testing/ name each of their modules in their row."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Module map") :].split("\n\n")[2]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("*`")] = cells[1]
+    pkg = ROOT / "tinyllm_vllm"
+    folders = {"bench/", "testing/", "model/", "runtime/", "model/demo/"}
+    modules = {
+        str(p.relative_to(pkg))
+        for p in pkg.rglob("*.py")
+        if p.name != "__init__.py" and not any(str(p.relative_to(pkg)).startswith(f) for f in ("bench/", "testing/"))
+    }
+    named = {k for k in rows if k.endswith((".py", "/"))}
+    assert named == modules | folders, (named - modules - folders, modules | folders - named)
+    for folder in ("bench", "testing"):
+        for p in (pkg / folder).glob("*.py"):
+            if p.name != "__init__.py":
+                assert f"`{p.stem}`" in rows[f"{folder}/"], f"{folder}/{p.name} is missing from the module map"

@@ -4,9 +4,9 @@ import httpx
 import pytest
 
 from tinyllm_vllm.client import delta_text, http_stream, metric
-from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.deploy import Replicas, Router
-from tinyllm_vllm.procs import group_members
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.deploy import Replicas, Router
+from tinyllm_vllm.runtime.procs import group_members
 from tinyllm_vllm.testing import faults
 
 pytestmark = [pytest.mark.vllm, pytest.mark.reliability]

@@ -78,33 +78,37 @@ def test_no_file_outside_the_repository_is_cited():
         assert outside not in path.read_text(), path
 
 
+@pytest.mark.slow
 def test_the_plugin_imports_no_doctor_bench_or_harness():
     """vLLM runs register() in every process it starts: it stays small (the version check is ``versions``)."""
     code = (
-        "import sys, tinyllm_vllm.plugin as p; p.register(); "
+        "import sys, tinyllm_vllm.model.plugin as p; p.register(); "
         "print(sorted(m for m in sys.modules if m.startswith('tinyllm_vllm.')))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     loaded = r.stdout.strip().splitlines()[-1]
-    assert "tinyllm_vllm.versions" in loaded
+    assert "tinyllm_vllm.model.versions" in loaded
     for heavy in ("tinyllm_vllm.doctor", "tinyllm_vllm.bench", "tinyllm_vllm.testing"):
         assert heavy not in loaded, loaded
 
 
+@pytest.mark.slow
 def test_an_offline_engine_leaves_the_model_inspection_for_a_later_server(tmp_path):
     """A server's front end registers the class by import path, and vLLM inspects such a class in a fresh
     Python process unless its cache has the inspection: the offline engine's registration leaves it there."""
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path)}
-    offline = "import tinyllm_vllm.plugin as p; p.register_class_here()"
+    offline = "import tinyllm_vllm.model.plugin as p; p.register_class_here()"
     r = subprocess.run([sys.executable, "-c", offline], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     server = (
         "import logging; logging.basicConfig(level=logging.DEBUG); "
-        "import tinyllm_vllm.plugin as p; from vllm import ModelRegistry; p.register(); "
+        "import tinyllm_vllm.model.plugin as p; from vllm import ModelRegistry; p.register(); "
         "print(ModelRegistry._try_inspect_model_cls(p.ARCH))"
     )
     r = subprocess.run([sys.executable, "-c", server], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "Loaded model info for class tinyllm_vllm.model.TinyllmForCausalLM from cache" in r.stdout + r.stderr
+    assert (
+        "Loaded model info for class tinyllm_vllm.model.vllm_model.TinyllmForCausalLM from cache" in r.stdout + r.stderr
+    )
     assert "architecture='TinyllmForCausalLM'" in r.stdout and "is_text_generation_model=True" in r.stdout

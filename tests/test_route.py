@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tinyllm_vllm.client import metric, openai_client
-from tinyllm_vllm.demo import corpus_answers
-from tinyllm_vllm.server import VLLMServer
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.server import VLLMServer
 
 pytestmark = pytest.mark.vllm
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from tinyllm_vllm.client import delta_text, http_get, http_post, http_stream
-from tinyllm_vllm.demo import corpus_answers
 from tinyllm_vllm.errors import ServerError
-from tinyllm_vllm.procs import group_members, wait_group_gone
-from tinyllm_vllm.server import VLLMServer
-from tinyllm_vllm.tokenizer import training_prompt
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.model.tokenizer import training_prompt
+from tinyllm_vllm.runtime.procs import group_members, wait_group_gone
+from tinyllm_vllm.runtime.server import VLLMServer
 
 from helpers import read_jsonl
 
@@ -192,7 +192,7 @@ def test_missing_plugin_fails_loudly_instead_of_falling_back(demo_dir, cpu_setti
 CHILD = """
 import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as ipykernel does, however the kernel was started
-from tinyllm_vllm.server import VLLMServer
+from tinyllm_vllm.runtime.server import VLLMServer
 from tinyllm_vllm.settings import Settings
 s = VLLMServer(sys.argv[1], settings=Settings(device="cpu", kv_cache_gb=0.5, max_model_len=256), echo=None)
 s.start(wait=sys.argv[2] == "wait")

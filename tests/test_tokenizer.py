@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from tinyllm_vllm.tokenizer import DEFAULT_SYSTEM, training_prompt
+from tinyllm_vllm.model.tokenizer import DEFAULT_SYSTEM, training_prompt
 
 from helpers import data_path, read_jsonl
 

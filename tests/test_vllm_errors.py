@@ -26,8 +26,8 @@ def write_model(path: Path, hidden: int, heads: int, drop: str | None = None) ->
     import torch
     from safetensors.torch import save_file
 
-    from tinyllm_vllm.checkpoint import expected_shapes
-    from tinyllm_vllm.config import TinyllmConfig
+    from tinyllm_vllm.model.checkpoint import expected_shapes
+    from tinyllm_vllm.model.config import TinyllmConfig
 
     cfg = {
         "architectures": ["TinyllmForCausalLM"],

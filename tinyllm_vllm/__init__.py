@@ -5,8 +5,8 @@ transformers and vLLM are imported only by the submodules that need them. Module
 checkpoint register ``TinyllmConfig`` with transformers' AutoConfig first (``config.register_config``).
 """
 
-from .errors import CheckpointError, ConfigError, ServerError, SettingsError, TinyllmError
-from .plugin import register
+from tinyllm_vllm.errors import CheckpointError, ConfigError, ServerError, SettingsError, TinyllmError
+from tinyllm_vllm.model.plugin import register
 
 __version__ = "0.2.0"
 

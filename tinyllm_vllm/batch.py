@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import logs, procs
-from .errors import TinyllmError
-from .feed import Done
-from .settings import Settings
+from tinyllm_vllm.errors import TinyllmError
+from tinyllm_vllm.runtime import logs, procs
+from tinyllm_vllm.runtime.feed import Done
+from tinyllm_vllm.settings import Settings
 
 # a row's own sampling fields (OpenAI's names) and the types each accepts
 SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
@@ -141,7 +141,7 @@ def done_indices(job: BatchJob) -> dict[int, dict]:
 def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[str], Any] = print) -> dict:
     """Generate every input row not yet done with N engines; write the output in input order. Returns what
     ran: rows, engines, output tokens, and seconds in all and while the engines generated."""
-    from .plan import plan, share
+    from tinyllm_vllm.runtime.plan import plan, share
 
     if job.output is None:
         raise TinyllmError("--input needs --output FILE (results, in input order)")
@@ -311,7 +311,7 @@ def worker(spec: WorkerSpec) -> None:
     """One engine: its rows through ``feed.keep_full``, each appended to its part file as it finishes."""
     from vllm.inputs import TokensPrompt
 
-    from . import feed, offline
+    from tinyllm_vllm.runtime import feed, offline
 
     job = spec.job
     settings = Settings(**spec.settings)

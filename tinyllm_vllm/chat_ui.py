@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .client import stream_chat
-from .tokenizer import DEFAULT_SYSTEM
+from tinyllm_vllm.client import stream_chat
+from tinyllm_vllm.model.tokenizer import DEFAULT_SYSTEM
 
 EXAMPLES = ["介绍一下中国。", "世界上最大的动物是什么？", "请介绍一下北京"]
 

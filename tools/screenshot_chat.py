@@ -10,9 +10,9 @@ import tempfile
 from playwright.sync_api import sync_playwright
 
 from tinyllm_vllm.chat_ui import launch
-from tinyllm_vllm.server import VLLMServer
+from tinyllm_vllm.model.sources import ensure_model
+from tinyllm_vllm.runtime.server import VLLMServer
 from tinyllm_vllm.settings import Settings
-from tinyllm_vllm.sources import ensure_model
 
 FLAGS = [
     "--no-sandbox",

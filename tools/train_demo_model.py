@@ -23,10 +23,10 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from tinyllm_vllm.config import TinyllmConfig
-from tinyllm_vllm.demo import DEMO_DIR, DEMO_SHAPE, read_corpus
-from tinyllm_vllm.hf_model import TinyllmForCausalLM
-from tinyllm_vllm.tokenizer import CHATGLM_EXTRA_TOKENS, DEFAULT_SYSTEM, EOS_ID, write_tokenizer
+from tinyllm_vllm.model.config import TinyllmConfig
+from tinyllm_vllm.model.demo import DEMO_DIR, DEMO_SHAPE, read_corpus
+from tinyllm_vllm.model.hf_model import TinyllmForCausalLM
+from tinyllm_vllm.model.tokenizer import CHATGLM_EXTRA_TOKENS, DEFAULT_SYSTEM, EOS_ID, write_tokenizer
 
 SEED = 0
 MAX_STEPS = 3000

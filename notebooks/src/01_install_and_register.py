@@ -30,7 +30,7 @@ settings = Settings.from_env()
 #
 # ```toml
 # [project.entry-points."vllm.general_plugins"]
-# tinyllm = "tinyllm_vllm.plugin:register"
+# tinyllm = "tinyllm_vllm.model.plugin:register"
 # ```
 # vLLM calls every function of the group `vllm.general_plugins` in **every process it creates** (the
 # front end, the engine core, each worker). That is why the model cannot live in a notebook cell: the
@@ -43,7 +43,7 @@ plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins"
 plugins
 
 # %%
-assert plugins.get("tinyllm") == "tinyllm_vllm.plugin:register"
+assert plugins.get("tinyllm") == "tinyllm_vllm.model.plugin:register"
 
 # %% [markdown]
 # ## 2. What `register()` does
@@ -53,20 +53,20 @@ assert plugins.get("tinyllm") == "tinyllm_vllm.plugin:register"
 # %%
 import inspect
 
-import tinyllm_vllm.plugin as plugin
+import tinyllm_vllm.model.plugin as plugin
 
 print(inspect.getsource(plugin.register))
 
 # %% [markdown]
 # ## 3. A tour of the vLLM model file
-# `tinyllm_vllm/model.py` builds TinyLLM from vLLM's public layers. TinyLLM is layer for layer Qwen2:
+# `tinyllm_vllm/model/vllm_model.py` builds TinyLLM from vLLM's public layers. TinyLLM is layer for layer Qwen2:
 # q/k/v projections with bias (fused into one `QKVParallelLinear`), rotate-half RoPE
 # (`is_neox_style=True`), RMSNorm with the residual add fused in, and a SwiGLU MLP
 # (`MergedColumnParallelLinear` + `SiluAndMul`). The parallel linears make it tensor-parallel ready.
 # Here is the attention block:
 
 # %%
-from tinyllm_vllm import model as tinyllm_model
+from tinyllm_vllm.model import vllm_model as tinyllm_model
 
 print(inspect.getsource(tinyllm_model.TinyllmAttention))
 
@@ -99,7 +99,7 @@ assert "TinyllmForCausalLM" in archs
 # very same path. The note says which one you got, and why.
 
 # %%
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)

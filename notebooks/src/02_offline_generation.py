@@ -22,7 +22,7 @@ settings = Settings.from_env()
 settings
 
 # %%
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)
@@ -35,7 +35,7 @@ print("model:", note)
 # fallback. The engine's own log goes to a file; the cell shows where, and how long the start took.
 
 # %%
-from tinyllm_vllm import offline
+from tinyllm_vllm.runtime import offline
 
 print(settings.engine_options())
 llm = offline.load_llm(model_dir, settings)
@@ -60,8 +60,8 @@ pd.DataFrame(greedy)
 # `max_tokens`: only its length is checked.)
 
 # %%
-from tinyllm_vllm.checkpoint import manifest
-from tinyllm_vllm.demo import corpus_answers
+from tinyllm_vllm.model.checkpoint import manifest
+from tinyllm_vllm.model.demo import corpus_answers
 
 kind = manifest(model_dir)
 assert all(r.output_tokens > 0 for r in greedy)

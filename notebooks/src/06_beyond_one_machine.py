@@ -36,7 +36,7 @@ RAY = settings.device == "cuda" and importlib.util.find_spec("ray") is not None
 print("Ray Serve LLM:", "runs here" if RAY else "config only here (needs the CUDA build of vLLM 0.26 and ray)")
 
 # %%
-from tinyllm_vllm.sources import ensure_model
+from tinyllm_vllm.model.sources import ensure_model
 
 model_dir, note = ensure_model(settings.model, settings.home, verbose=settings.verbose)
 print("model:", note)
@@ -50,7 +50,7 @@ print("model:", note)
 # %%
 import json
 
-from tinyllm_vllm.cluster import serve_config
+from tinyllm_vllm.runtime.cluster import serve_config
 
 config = serve_config(model_dir, settings, REPLICAS)
 llm = config["applications"][0]["args"]["llm_configs"][0]
@@ -67,7 +67,7 @@ print(f"saved: {config_file}  ->  serve run {config_file.name}")
 # `tinyllm-vllm serve --ray` does the same from a shell.
 
 # %%
-from tinyllm_vllm.cluster import RayServe
+from tinyllm_vllm.runtime.cluster import RayServe
 
 app = RayServe(model_dir, REPLICAS, settings=settings).start() if RAY else None
 print(app.base_url if app else "skipped: no Ray Serve LLM on this machine")
@@ -106,7 +106,7 @@ if app:
 # `tinyllm-vllm route --workers http://host1:8000 http://host2:8000`. Its failure policy:
 
 # %%
-from tinyllm_vllm.deploy import REMOTE_POLICY_TEXT
+from tinyllm_vllm.runtime.deploy import REMOTE_POLICY_TEXT
 
 print(REMOTE_POLICY_TEXT)
 
@@ -120,7 +120,7 @@ print(REMOTE_POLICY_TEXT)
 # stopped too (all of them carry one environment mark).
 
 # %%
-from tinyllm_vllm.cluster import marked
+from tinyllm_vllm.runtime.cluster import marked
 
 if app:
     app.stop()

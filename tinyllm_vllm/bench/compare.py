@@ -9,17 +9,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..settings import Settings
-from . import workload as wl
-from .engines import ENGINES, EngineSpec, run_engine
-from .sharing import run_engines_sharing_gpu
+from tinyllm_vllm.bench import workload as wl
+from tinyllm_vllm.bench.engines import ENGINES, EngineSpec, run_engine
+from tinyllm_vllm.bench.sharing import run_engines_sharing_gpu
+from tinyllm_vllm.settings import Settings
 
 
 def machine() -> dict:
     """What ran the benchmark: versions, cores, and the GPU's name (from nvidia-smi) if there is one."""
     import importlib.metadata as md
-    import shutil
-    import subprocess
+
+    from tinyllm_vllm.runtime.procs import gpus
 
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -31,12 +31,10 @@ def machine() -> dict:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    if shutil.which("nvidia-smi"):
-        names = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.split("\n")
-        info["gpus"] = [n.strip() for n in names if n.strip()]
-        info["gpu"] = info["gpus"][0] if info["gpus"] else None
+    found = gpus()
+    if found:
+        info["gpus"] = [g["name"] for g in found]
+        info["gpu"] = info["gpus"][0]
     return info
 
 
@@ -44,7 +42,7 @@ def prepare_workload(model: str | Path, dist: wl.Distribution, out_dir: str | Pa
     """Write the workload's requests as JSONL beside the results; return the file and its description."""
     from transformers import AutoTokenizer
 
-    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+    import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
 
     tok = AutoTokenizer.from_pretrained(str(model))
     rows = wl.build(dist, tok)

@@ -1,8 +1,8 @@
 """One engine per subprocess, timed on a workload: ``run_engine(spec)``.
 
 GPU memory is not reliably freed inside a process, and one engine's numbers must not leak into
-the next, so each engine runs in a fresh ``python -m tinyllm_vllm.bench.engines`` that reads its
-spec as JSON on stdin and prints ``{"result": ...}`` last. Engines:
+the next, so each engine runs in a fresh ``python -m tinyllm_vllm.bench.engine_main`` that reads its
+spec (``EngineSpec``) as JSON on stdin and prints ``{"result": ...}`` last. Engines:
 
 * ``plugin``  vLLM with the TinyLLM plugin;  ``qwen2``  vLLM's own Qwen2 class on the same weights;
 * ``transformers_static``  ``generate`` in left-padded static batches at the best batch size;
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import procs
+from tinyllm_vllm.runtime import logs, procs
 
 ENGINES = ("plugin", "qwen2", "transformers_static", "transformers_cb")
 
@@ -65,9 +65,16 @@ class EngineSpec:
 VLLM_ENGINES = ("plugin", "qwen2")
 
 
+def bench_logs() -> Path:
+    """Where the benchmark engines log: the kit's log folder (``TINYLLM_HOME``)."""
+    from tinyllm_vllm.settings import Settings
+
+    return Settings.from_env().logs
+
+
 def _env() -> dict[str, str]:
-    from ..settings import Settings
-    from ..startup import cache_env
+    from tinyllm_vllm.runtime.startup import cache_env
+    from tinyllm_vllm.settings import Settings
 
     # vLLM logs to stdout by default, which is the pipe that carries an engine's result: its log goes to the file.
     # The compile cache is the kit's, so servers started after the engines reuse what they compiled.
@@ -81,14 +88,14 @@ WARM_UP = 512  # requests every vLLM engine runs before it is timed (the first t
 def _tokenize(model: str, rows: list[dict]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+    import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
 
     tok = AutoTokenizer.from_pretrained(model)
     return [tok(r["prompt"])["input_ids"] for r in rows]
 
 
 def _timed(label: str, fn: Any, useful: int, requests: int, sync: Any = lambda: None) -> dict:
-    from .gpubusy import GpuBusy
+    from tinyllm_vllm.bench.gpubusy import GpuBusy
 
     sync()
     with GpuBusy() as busy:
@@ -115,14 +122,14 @@ def _wait_for_go() -> None:
 
 def _start_llm(spec: EngineSpec) -> tuple[Any, float, float]:
     """The spec's vLLM engine, the seconds its start took, and when (``time.time()``) it was ready."""
-    from vllm import LLM
+    from tinyllm_vllm.runtime.offline import new_llm
 
     args = dict(spec.engine_args, model_impl="vllm")
     if spec.engine == "qwen2":
         # vLLM's in-tree Qwen2 class on the very same weights: TinyLLM's layout is Qwen2's
         args["hf_overrides"] = {"architectures": ["Qwen2ForCausalLM"]}
     t0 = time.perf_counter()
-    llm = LLM(spec.model, **args)
+    llm = new_llm(spec.model, args)
     return llm, time.perf_counter() - t0, time.time()
 
 
@@ -164,7 +171,7 @@ def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
 def _stream(spec: EngineSpec, vocab: int, prefix: tuple[int, ...], seed_offset: int, repeat: int) -> Any:
     """This engine's requests of the stream (its shard), as ``hf_engines`` and ``feed.keep_full`` take them:
     ``(index, prompt ids, reply length)``. Each repeat draws other requests; the warm-up another seed."""
-    from .workload import ChatLike, token_request
+    from tinyllm_vllm.bench.workload import ChatLike, token_request
 
     dist = replace(ChatLike(**spec.stream), seed=spec.stream["seed"] + seed_offset)
     i, k = spec.shard or (0, 1)
@@ -181,9 +188,9 @@ def run_vllm_steady(spec: EngineSpec) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .. import feed
-    from .gpubusy import GpuBusy
-    from .rule import Rule, steady
+    from tinyllm_vllm.bench.gpubusy import GpuBusy
+    from tinyllm_vllm.bench.rule import Rule, steady
+    from tinyllm_vllm.runtime import feed
 
     llm, start_s, ready_at = _start_llm(spec)
     rule = Rule(**spec.rule)
@@ -220,35 +227,12 @@ def run_vllm_steady(spec: EngineSpec) -> dict:
     }
 
 
-def worker(spec: EngineSpec) -> dict:
-    """Run one engine described by ``spec`` (what ``run_engine`` passes on stdin)."""
-    from .workload import read_jsonl
-
-    if spec.rule and spec.engine in ("plugin", "qwen2"):
-        return run_vllm_steady(spec)
-    if spec.rule:
-        from .hf_engines import run_transformers_steady
-
-        return run_transformers_steady(spec)
-
-    rows = read_jsonl(spec.workload)
-    if spec.shard:  # one of several engines sharing the GPU: every k-th request
-        i, k = spec.shard
-        rows = rows[i::k]
-    from .hf_engines import run_transformers_cb, run_transformers_static
-
-    run = {"transformers_static": run_transformers_static, "transformers_cb": run_transformers_cb}.get(
-        spec.engine, run_vllm
-    )
-    return run(spec, rows)
-
-
 def start_lockstep(spec: EngineSpec, log: Path) -> subprocess.Popen:
     """An engine process that warms up, says READY and starts each timed run when sent GO (``ready``, ``go``).
 
     It runs under the kit's watchdog in its own process group (``procs``), so its engine core goes down
     with it, also when this process dies; its log goes to ``log``."""
-    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, _env(), pipes=True)
+    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engine_main"], log, _env(), pipes=True)
     proc.stdin.write(replace(spec, lockstep=True).to_json() + "\n")
     proc.stdin.flush()
     return proc
@@ -281,7 +265,7 @@ def result_of(proc: subprocess.Popen) -> dict | None:
 def record_start(home: Path | None, what: str, launched: float, result: dict, log: Path) -> None:
     """Record a vLLM engine's start (launch to ready) with the kit's other starts in ``home``, if given."""
     if home and "ready_at" in result:
-        from ..startup import record
+        from tinyllm_vllm.runtime.startup import record
 
         record(home, what, result["ready_at"] - launched, log, ready_at=result["ready_at"])
 
@@ -290,11 +274,9 @@ def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None,
     """Run ``worker(spec)`` in a fresh Python process under the watchdog; a failure (or no result within
     ``timeout``, after which its whole group is stopped) is returned as ``{"error": ...}``. With ``home``, a
     vLLM engine's start is recorded there (``startup.record``)."""
-    import tempfile
-
-    log = log or Path(tempfile.mkstemp(prefix=f"bench-{spec.engine}-", suffix=".log")[1])
+    log = log or logs.new_log_file(bench_logs(), f"bench-{spec.engine}")
     launched = time.time()
-    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engines"], log, _env(), pipes=True)
+    proc = procs.start_group([sys.executable, "-m", "tinyllm_vllm.bench.engine_main"], log, _env(), pipes=True)
     try:
         out, _ = proc.communicate(spec.to_json() + "\n", timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -305,12 +287,7 @@ def run_engine(spec: EngineSpec, timeout: float = 1800, log: Path | None = None,
         raise
     lines = [ln for ln in out.splitlines() if ln.startswith('{"result"')]
     if proc.returncode != 0 or not lines:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        return {"error": f"{spec.engine} failed (exit {proc.returncode}): {tail}"}
+        return {"error": f"{spec.engine} failed (exit {proc.returncode}): {logs.tail(log, 20)}"}
     result = json.loads(lines[-1])["result"]
     record_start(home, f"benchmark engine ({spec.engine})", launched, result, log)
     return result
-
-
-if __name__ == "__main__":
-    print(json.dumps({"result": worker(EngineSpec.from_json(sys.stdin.readline()))}), flush=True)

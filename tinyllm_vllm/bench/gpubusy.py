@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
+from typing import TYPE_CHECKING
+
+from tinyllm_vllm.runtime import procs
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 class GpuBusy:
@@ -13,14 +18,14 @@ class GpuBusy:
     def __init__(self, interval_ms: int = 200) -> None:
         self.interval_ms = interval_ms
         self.samples: list[float] = []
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | None = None  # nvidia-smi's sampler
         self._reader: threading.Thread | None = None
 
     def __enter__(self) -> GpuBusy:
         smi = shutil.which("nvidia-smi")
         if smi:
             cmd = [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"]
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.proc = procs.stream(cmd)
             self._reader = threading.Thread(target=self._read, daemon=True)
             self._reader.start()
         return self
@@ -34,8 +39,7 @@ class GpuBusy:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+            procs.stop(self.proc)
             self._reader.join(timeout=2)
 
     @property

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engines import EngineSpec, _timed, _tokenize
+from tinyllm_vllm.bench.engines import EngineSpec, _timed, _tokenize
 
 
 def _hf_model(model: str, dtype: str | None) -> tuple[Any, str, Any]:
     import torch
 
-    from ..hf_model import TinyllmForCausalLM
+    from tinyllm_vllm.model.hf_model import TinyllmForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype in ("auto", None):
@@ -150,11 +150,10 @@ def run_transformers_steady(spec: EngineSpec) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
-
-    from .engines import _stream
-    from .gpubusy import GpuBusy
-    from .rule import Rule, steady
+    import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
+    from tinyllm_vllm.bench.engines import _stream
+    from tinyllm_vllm.bench.gpubusy import GpuBusy
+    from tinyllm_vllm.bench.rule import Rule, steady
 
     m, device, sync = _hf_model(spec.model, spec.engine_args.get("dtype"))
     tok = AutoTokenizer.from_pretrained(spec.model)

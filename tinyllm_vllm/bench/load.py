@@ -166,7 +166,7 @@ def summarize(results: list[dict], concurrency: int) -> dict:
         "client_cpu_share_max": max(res["cpu_share"] for res in results),
         "client_cpu_share_mean": statistics.fmean(res["cpu_share"] for res in results),
     }
-    from .rule import steady
+    from tinyllm_vllm.bench.rule import steady
 
     rate = steady(
         [{"sent": r["sent"], "first": r["first"], "end": r["end"], "tokens": r["tokens"]} for r in ok], concurrency
@@ -263,7 +263,7 @@ def clients_for(concurrency: int) -> int:
 
 def rows_for(workload: str | Path) -> list[dict]:
     """The workload's requests as the load client sends them: the prompt and the length each asks for."""
-    from .workload import read_jsonl
+    from tinyllm_vllm.bench.workload import read_jsonl
 
     return [{"prompt": r["prompt"], "output_tokens": r["output_tokens"]} for r in read_jsonl(workload)]
 

@@ -26,14 +26,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from ..plan import plan
-from ..settings import Settings
-from . import load
-from .compare import machine
-from .engines import EngineSpec, run_engine
-from .rule import Rule, headline, median_spread
-from .sharing import combined_steady, run_engines_sharing_gpu
-from .workload import ChatLike, describe, text_rows
+from tinyllm_vllm.bench import load
+from tinyllm_vllm.bench.compare import machine
+from tinyllm_vllm.bench.engines import EngineSpec, run_engine
+from tinyllm_vllm.bench.rule import Rule, headline, median_spread
+from tinyllm_vllm.bench.sharing import combined_steady, run_engines_sharing_gpu
+from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
+from tinyllm_vllm.runtime.plan import plan
+from tinyllm_vllm.settings import Settings
 
 
 def _stream(dist: ChatLike) -> dict:
@@ -56,7 +56,7 @@ def one_gpu(
 ) -> dict:
     from transformers import AutoTokenizer
 
-    import tinyllm_vllm.config  # noqa: F401  (registers model_type tinyllm)
+    import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
 
     gpu = plan(settings, "auto", offline=True)
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -147,7 +147,7 @@ def _batch(
 ) -> dict:
     """``generate --input`` on ``rows`` rows of the stream, each with its own reply length (``max_tokens``,
     ``ignore_eos``): completed as text (``--raw``), written in input order."""
-    from ..batch import BatchJob, run_batch
+    from tinyllm_vllm.batch import BatchJob, run_batch
 
     work = out_dir / "batch"
     work.mkdir(parents=True, exist_ok=True)
@@ -180,29 +180,53 @@ def _serving(
     levels: tuple[int, ...],
     progress: Callable[[str], Any],
 ) -> dict:
-    from ..deploy import Replicas
+    from tinyllm_vllm.runtime.deploy import Replicas
 
+    with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
+        out = {"replicas": len(fleet.servers), "api_server_count": fleet.plan.api_server_count, "plan": fleet.plan.why}
+        urls = [s.url for s in fleet.servers]
+        return out | serve_levels(fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls)
+
+
+def serve_levels(
+    endpoint: Any,
+    dist: ChatLike,
+    tok: Any,
+    rule: Rule,
+    requests: int,
+    levels: tuple[int, ...],
+    progress: Callable[[str], Any],
+    metrics_urls: list[str] = (),
+    label: str = "one-gpu: serving",
+) -> dict:
+    """Load one endpoint (``url``, ``served_model_name``) by the rule: warmed on other requests, then at each
+    level ``rule.repeats`` runs, each on its own ``requests`` of the stream; vLLM's ``/metrics`` read from
+    ``metrics_urls`` (the replicas) during each run."""
     clients = load.clients_for(max(levels))
     warm = text_rows(replace(dist, seed=dist.seed + 1), tok, range(2 * max(levels)))
     out: dict[str, Any] = {"clients": clients, "requests_per_run": requests, "levels": []}
-    with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
-        out |= {"replicas": len(fleet.servers), "api_server_count": fleet.plan.api_server_count, "plan": fleet.plan.why}
-        name, urls = fleet.served_model_name, [s.url for s in fleet.servers]
-        load.run_load(fleet.url, name, warm, min(max(levels), len(warm)), clients)  # warm-up: other requests
-        for c in levels:
-            runs = []
-            for j in range(rule.repeats):
-                rows = text_rows(dist, tok, range(j * requests, (j + 1) * requests))
-                with load.Metrics(urls) as metrics:
-                    level = load.measured_level(fleet.url, name, rows, c, clients)
-                runs.append(level | {"metrics": metrics.summary()})
-                progress(
-                    f"[one-gpu] serving, {c} in flight, run {j + 1}: {level['steady_tok_s']:,.0f} output tok/s "
-                    f"steady ({level['output_tok_s']:,.0f} whole run, {level['duration_s']:.0f} s), "
-                    f"{level['failed']} failed, overlap {level['client_overlap']:.0%}"
-                )
-            out["levels"].append({"concurrency": c, "runs": runs})
+    name = endpoint.served_model_name
+    load.run_load(endpoint.url, name, warm, min(max(levels), len(warm)), clients)  # warm-up: other requests
+    for c in levels:
+        runs = []
+        for j in range(rule.repeats):
+            rows = text_rows(dist, tok, range(j * requests, (j + 1) * requests))
+            with load.Metrics(list(metrics_urls)) as metrics:
+                level = load.measured_level(endpoint.url, name, rows, c, clients)
+            runs.append(level | {"metrics": metrics.summary()})
+            progress(
+                f"[{label}] {c} in flight, run {j + 1}: {level['steady_tok_s']:,.0f} output tok/s "
+                f"steady ({level['output_tok_s']:,.0f} whole run, {level['duration_s']:.0f} s), "
+                f"{level['failed']} failed, overlap {level['client_overlap']:.0%}"
+            )
+        out["levels"].append({"concurrency": c, "runs": runs})
     return out
+
+
+def best_level(serving: dict) -> dict | None:
+    """The headline of the valid level (clients ran together) with the highest median steady rate."""
+    heads = [level_headline(lv) for lv in serving.get("levels", [])]
+    return max((h for h in heads if h["valid"]), key=lambda h: h["tok_s"], default=None)
 
 
 def summarized(result: dict) -> dict:
@@ -211,7 +235,7 @@ def summarized(result: dict) -> dict:
     return head | summary(result) | {"runs": result["runs"]}
 
 
-def _level_headline(level: dict) -> dict:
+def level_headline(level: dict) -> dict:
     runs = level["runs"]
     ms = median_spread([r["steady_tok_s"] for r in runs])
     return {
@@ -231,8 +255,8 @@ def summary(r: dict) -> dict:
     srv = r["runs"].get("serving") or {"levels": []}
     best, hf = off["best"], off.get("transformers", {})
     busy = [x["gpu_busy"] for x in best.get("runs", []) if x.get("gpu_busy") is not None]
-    levels = [_level_headline(lv) for lv in srv["levels"]]
-    top = max((lv for lv in levels if lv["valid"]), key=lambda lv: lv["tok_s"], default=None)
+    levels = [level_headline(lv) for lv in srv["levels"]]
+    top = best_level(srv)
     all_runs = [x for lv in srv["levels"] for x in lv["runs"]]
     best_tok = best.get("useful_tok_s")
     missing = [k for k in ("batch", "serving") if k not in r["runs"]]

@@ -10,16 +10,15 @@ samples, inclusive and self.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from . import engines
+from tinyllm_vllm.bench import engines
+from tinyllm_vllm.runtime import logs, procs
 
 
 def py_spy() -> str:
@@ -102,12 +101,11 @@ def profile_engine(
     """Run ``spec`` (a vLLM engine, see ``engines``) and record it with py-spy for ``seconds`` once warm.
 
     Returns the engine's result, the py-spy command and the summary of the engine core's samples."""
-    log = Path(tempfile.mkstemp(prefix="bench-profile-", suffix=".log")[1])
+    log = logs.new_log_file(engines.bench_logs(), "bench-profile")
     engine = engines.start_lockstep(replace(spec, repeats=1), log)
     try:
         if not engines.ready(engine):
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"engine to profile failed to start (log: {log}):\n{tail}")
+            raise RuntimeError(f"engine to profile failed to start (log: {log}):\n{logs.tail(log, 20)}")
         cmd = [
             py_spy(),
             "record",
@@ -127,7 +125,7 @@ def profile_engine(
         ]
         engines.go(engine)
         time.sleep(delay)  # past the first prefill wave: steady state
-        recorder = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        recorder = procs.run(cmd, timeout=seconds + 60)
         result = engines.result_of(engine) or {"error": "the engine gave no result"}
     finally:
         engines.stop(engine)
@@ -145,5 +143,5 @@ def profile_engine(
         # a worker process, where vLLM runs the model outside the engine core (the CPU build does)
         "worker": summarize(out_raw, process="VLLM::Worker"),
         # the process that feeds the engine core (LLM.generate: requests in, outputs out)
-        "front": summarize(out_raw, process="tinyllm_vllm.bench.engines"),
+        "front": summarize(out_raw, process="tinyllm_vllm.bench.engine_main"),
     }

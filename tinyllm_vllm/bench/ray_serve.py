@@ -1,7 +1,8 @@
 """``tinyllm-vllm bench ray``: Ray Serve LLM against the kit's replicas behind vllm-router -> ray_serve.json
 
-On one GPU, the same number of replicas (``plan``) each way, the same chat-like load from client
-processes started behind one barrier (``load``), each endpoint warmed up the same way first:
+On one GPU, one plan for both sides (the same replicas and engine options), the same chat-like request
+stream and the same measurement rule as ``bench one-gpu`` (``onegpu.serve_levels``: warm-up on other
+requests, each level repeated on its own requests, steady-state rate, clients behind one barrier):
 
 * Ray Serve LLM (``cluster.RayServe``): output tok/s and TTFT at each level; then one LLM replica's process
   is killed while a level runs: requests failed or cut short, and the seconds until Ray Serve reports
@@ -18,22 +19,27 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..cluster import RayServe, marked
-from ..deploy import Replicas
-from ..plan import plan
-from ..settings import Settings
-from . import load
-from .compare import machine, prepare_workload
-from .onegpu import best_tok_s, serve_levels
-from .workload import ChatLike
+from tinyllm_vllm.bench import load
+from tinyllm_vllm.bench.compare import machine
+from tinyllm_vllm.bench.onegpu import best_level, serve_levels
+from tinyllm_vllm.bench.rule import Rule
+from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
+from tinyllm_vllm.runtime import procs
+from tinyllm_vllm.runtime.cluster import MARK, RayServe
+from tinyllm_vllm.runtime.deploy import Replicas
+from tinyllm_vllm.runtime.plan import plan
+from tinyllm_vllm.settings import Settings
 
 
-def _kill_one_under_load(app: RayServe, rows: list[dict], concurrency: int, clients: int, after_s: float) -> dict:
-    """Run a level; ``after_s`` after its clients start sending, SIGKILL one LLM replica; time until Ray Serve
-    has them all running again."""
+def _kill_one_under_load(app: RayServe, rows: list[dict], concurrency: int, clients: int) -> dict:
+    """Run a level; a quarter of its expected time after its clients start sending (one request's time per
+    row over the concurrency, at least 2 s), SIGKILL one LLM replica; time until Ray Serve has them all
+    running again."""
+    after_s = max(2.0, 0.25 * len(rows) / concurrency)
     out: dict[str, Any] = {}
     began: queue.Queue[float] = queue.Queue()
     runner = threading.Thread(
@@ -83,47 +89,52 @@ def ray_vs_router(
     model: str | Path,
     settings: Settings,
     out_dir: Path,
-    requests: int = 4096,
+    rule: Rule,
+    dist: ChatLike,
+    requests: int = 16384,
     levels: tuple[int, ...] = (1024,),
     progress: Callable[[str], Any] = print,
 ) -> dict:
+    """Ray Serve LLM and the kit's replicas behind vllm-router, on the same plan, the same request stream and
+    the same measurement rule (``onegpu.serve_levels``); then one Ray replica killed under load."""
+    from transformers import AutoTokenizer
+
+    import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
+
     gpu = plan(settings, "auto")  # both sides get the same plan
     n = gpu.engines
-    serve_path, description = prepare_workload(model, ChatLike(requests=requests, seed=3), out_dir / "serve")
-    warm_path, _ = prepare_workload(model, ChatLike(requests=1024, seed=4), out_dir / "warm")
-    rows, warm = load.rows_for(serve_path), load.rows_for(warm_path)
-    clients = load.clients_for(max(levels))
+    tok = AutoTokenizer.from_pretrained(str(model))
     result: dict[str, Any] = {
         "kind": "ray-serve",
         "machine": machine(),
         "ray": md.version("ray"),
         "vllm": md.version("vllm"),
         "replicas": n,
-        "workload": description,
-        "clients": clients,
+        "plan": gpu.why,
+        "workload": describe(dist),
+        "method": rule.describe(),
     }
     runs: dict[str, Any] = {}
-    with RayServe(model, n, settings=settings, echo=progress) as app:
-        runs["ray"] = serve_levels(app, rows, warm, list(levels), clients) | {"start_s": round(app.ready_s, 1)}
-        progress(f"[ray] Ray Serve LLM, {n} replicas: {best_tok_s(runs['ray']):,.0f} output tok/s")
-        # every request of the level, the replica killed 1 s into it: on a GPU the level lasts seconds
-        killed = _kill_one_under_load(app, rows, levels[0], clients, after_s=1)
+    with RayServe(model, gpu, settings=settings, echo=progress) as app:
+        runs["ray"] = serve_levels(app, dist, tok, rule, requests, levels, progress, label="ray: Ray Serve LLM")
+        runs["ray"]["start_s"] = round(app.ready_s, 1)
+        rows = text_rows(replace(dist, seed=dist.seed + 2), tok, range(requests))
+        killed = _kill_one_under_load(app, rows, levels[0], load.clients_for(levels[0]))
         progress(
             f"[ray] one replica killed: {killed['failed']} failed, {killed['lost']} cut short, "
             f"back after {killed['restart_s']} s"
         )
-    result["ray_processes_left"] = len(marked(app.token))
+    result["ray_processes_left"] = len(procs.marked(MARK, app.token))
     with Replicas(model, gpu, settings=settings, echo=progress) as fleet:
-        runs["router"] = serve_levels(fleet, rows, warm, list(levels), clients)
-    progress(f"[ray] kit's replicas + vllm-router: {best_tok_s(runs['router']):,.0f} output tok/s")
-    best = max(runs["ray"]["levels"], key=lambda lv: lv["output_tok_s"] if lv["valid"] else -1)
-    router = max(runs["router"]["levels"], key=lambda lv: lv["output_tok_s"] if lv["valid"] else -1)
+        urls = [s.url for s in fleet.servers]
+        runs["router"] = serve_levels(
+            fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls, label="ray: replicas + vllm-router"
+        )
+    ray, router = best_level(runs["ray"]), best_level(runs["router"])
     result |= {
-        "output_tok_s": round(best["output_tok_s"]),
-        "ttft_ms_p50": round(best["ttft_ms_p50"] or 0),
-        "ttft_ms_p99": round(best["ttft_ms_p99"] or 0),
-        "router_output_tok_s": round(router["output_tok_s"]),
-        "router_ttft_ms_p99": round(router["ttft_ms_p99"] or 0),
+        "ray": ray,
+        "router": router,
+        "ray_over_router": ray["tok_s"] / router["tok_s"] if ray and router else None,
         "replica_killed": {
             k: killed[k] for k in ("failed", "lost", "restart_s", "completed", "requests", "under_load")
         },

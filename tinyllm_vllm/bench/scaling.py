@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import logs
-from ..deploy import Replicas, Router
-from ..settings import Settings
-from . import load
-from .compare import machine
+from tinyllm_vllm.bench import load
+from tinyllm_vllm.bench.compare import machine
+from tinyllm_vllm.runtime import logs
+from tinyllm_vllm.runtime.deploy import Replicas, Router
+from tinyllm_vllm.settings import Settings
 
 
 def levels(

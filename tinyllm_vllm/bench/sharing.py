@@ -12,35 +12,34 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from ..plan import share
-from ..settings import Settings
-from . import engines
-from .engines import EngineSpec
+from tinyllm_vllm.bench import engines
+from tinyllm_vllm.bench.engines import EngineSpec
+from tinyllm_vllm.runtime import logs
+from tinyllm_vllm.runtime.plan import share
+from tinyllm_vllm.settings import Settings
 
 
 def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dict:
     """``spec`` as for ``engines.run_engine`` (a vLLM engine), each engine with its ``plan.share`` of
     ``settings``' memory; returns the combined result."""
     args = spec.engine_args | share(settings, k).engine_options()
-    folder = Path(tempfile.mkdtemp(prefix="bench-sharing-"))
-    logs = [folder / f"engine-{i + 1}-of-{k}.log" for i in range(k)]
+    log_files = [logs.new_log_file(engines.bench_logs(), f"bench-engine-{i + 1}-of-{k}") for i in range(k)]
     started: list[subprocess.Popen] = []
 
     def failure(i: int, what: str) -> RuntimeError:
-        tail = "\n".join(logs[i].read_text(errors="replace").splitlines()[-30:]) if logs[i].exists() else ""
-        return RuntimeError(f"engine {i + 1}/{k} sharing the GPU {what} (log: {logs[i]}):\n{tail}")
+        return RuntimeError(
+            f"engine {i + 1}/{k} sharing the GPU {what} (log: {log_files[i]}):\n{logs.tail(log_files[i], 30)}"
+        )
 
     try:
         # started together: each has a fixed memory share (``plan.share``), so none profiles the others
         launched = time.time()
-        for i, log in enumerate(logs):
+        for i, log in enumerate(log_files):
             started.append(engines.start_lockstep(replace(spec, engine_args=args, shard=(i, k)), log))
-        from .rule import Rule
+        from tinyllm_vllm.bench.rule import Rule
 
         repeats = Rule(**spec.rule).repeats if spec.rule else spec.repeats
         for _ in range(repeats):
@@ -58,7 +57,7 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
     finally:
         for p in started:
             engines.stop(p)
-    for i, (result, log) in enumerate(zip(results, logs, strict=True)):
+    for i, (result, log) in enumerate(zip(results, log_files, strict=True)):
         engines.record_start(settings.home, f"benchmark engine ({spec.engine}) {i + 1}/{k}", launched, result, log)
     if spec.rule:
         return combined_steady(results, spec.rule) | {"engines": k}
@@ -89,7 +88,7 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
 def combined_steady(results: list[dict], rule: dict) -> dict:
     """Engines timed together by the rule (``engines.run_vllm_steady``): each repeat's request records of all
     engines as one run, in flight against the sum of their ``max_num_seqs``."""
-    from .rule import Rule, headline, steady
+    from tinyllm_vllm.bench.rule import Rule, headline, steady
 
     r = Rule(**rule)
     target = sum(x["max_num_seqs"] for x in results)

@@ -16,7 +16,6 @@ warm-up, API server):
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,14 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .. import procs, startup
-from ..deploy import Replicas
-from ..plan import plan
-from ..server import VLLMServer
-from ..settings import Settings
-from .compare import machine, prepare_workload
-from .engines import EngineSpec, run_engine
-from .workload import ChatLike
+from tinyllm_vllm.bench.compare import machine, prepare_workload
+from tinyllm_vllm.bench.engines import EngineSpec, run_engine
+from tinyllm_vllm.bench.workload import ChatLike
+from tinyllm_vllm.runtime import procs, startup
+from tinyllm_vllm.runtime.deploy import Replicas
+from tinyllm_vllm.runtime.plan import plan
+from tinyllm_vllm.runtime.server import VLLMServer
+from tinyllm_vllm.settings import Settings
 
 HOLD_CUDA = "import sys, torch; torch.zeros(1, device='cuda'); print('READY', flush=True); sys.stdin.read()"
 
@@ -133,9 +132,5 @@ def summarized(result: dict) -> dict:
 
 
 def _persistence_mode() -> str | None:
-    try:
-        return subprocess.run(
-            ["nvidia-smi", "--query-gpu=persistence_mode", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return None
+    found = procs.gpus()
+    return found[0]["persistence_mode"] if found else None

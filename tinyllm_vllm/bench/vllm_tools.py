@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import logs, procs
-from ..server import vllm_command
-from ..settings import to_flags
-from .workload import read_jsonl
+from tinyllm_vllm.bench.engines import bench_logs
+from tinyllm_vllm.bench.workload import read_jsonl
+from tinyllm_vllm.runtime import logs, procs
+from tinyllm_vllm.runtime.server import vllm_command
+from tinyllm_vllm.settings import to_flags
 
 
 def throughput(
@@ -46,14 +47,14 @@ def throughput(
             str(out),
             *to_flags({k: v for k, v in engine_args.items() if k != "seed"}),
         )
-        log = Path(tmp) / "vllm-bench-throughput.log"
+        log = logs.new_log_file(bench_logs(), "vllm-bench-throughput")  # kept: a failure's log outlives the run
         t = time.perf_counter()
         code = procs.run_group(cmd, log, timeout, logs.own_logging_env())
         wall = time.perf_counter() - t
         printed = log.read_text(errors="replace")
         if code != 0 or not out.exists():
             return {
-                "error": f"vllm bench throughput failed (exit {code}):\n" + "\n".join(printed.splitlines()[-20:]),
+                "error": f"vllm bench throughput failed (exit {code}, log: {log}):\n{logs.tail(log, 20)}",
                 "command": cmd,
             }
         result = json.loads(out.read_text())

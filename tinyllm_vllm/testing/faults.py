@@ -16,12 +16,12 @@ from pathlib import Path
 
 import httpx
 
-from ..client import metric
-from ..deploy import Replicas
-from ..errors import ServerError
-from ..procs import group_members, wait_group_gone
-from ..server import VLLMServer
-from ..settings import Settings
+from tinyllm_vllm.client import metric
+from tinyllm_vllm.errors import ServerError
+from tinyllm_vllm.runtime.deploy import Replicas
+from tinyllm_vllm.runtime.procs import group_members, wait_group_gone
+from tinyllm_vllm.runtime.server import VLLMServer
+from tinyllm_vllm.settings import Settings
 
 
 def fault(name: str, fn: Callable[[], tuple[bool, str, list[int]]]) -> dict:
@@ -117,7 +117,7 @@ def kernel_interrupted_and_restarted(model: str | Path, settings: Settings) -> t
     pid = None
     try:
         code = (
-            f"from tinyllm_vllm.server import VLLMServer\nfrom tinyllm_vllm.settings import Settings\n"
+            f"from tinyllm_vllm.runtime.server import VLLMServer\nfrom tinyllm_vllm.settings import Settings\n"
             f"s = VLLMServer({str(model)!r}, settings=Settings(device='cpu', kv_cache_gb={settings.kv_cache_gb}, "
             f"max_model_len={settings.max_model_len}, home={str(settings.home)!r}), echo=None).start()\n"
             f"print(s.proc.pid)"

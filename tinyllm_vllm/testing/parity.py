@@ -55,12 +55,14 @@ def compare(golden: dict, tokens: list[int], logprobs: list[dict[int, float]]) -
 def vllm_parity(model: str, goldens: list[dict], engine_options: dict) -> dict:
     """Run the goldens' prompts greedily through vLLM (the plugin) and compare. Returns a summary dict."""
     import vllm
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from tinyllm_vllm.runtime.offline import new_llm
 
     n = len(goldens[0]["greedy"])
     t0 = time.perf_counter()
-    llm = LLM(model, skip_tokenizer_init=True, **engine_options)
+    llm = new_llm(model, {"skip_tokenizer_init": True, **engine_options})
     start_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0, max_tokens=n, logprobs=5, ignore_eos=True, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=g["prompt_ids"]) for g in goldens], params)
@@ -84,7 +86,7 @@ def hf_parity(model: str, goldens: list[dict], dtype: str = "float32", device: s
     import torch
     import transformers
 
-    from ..hf_model import TinyllmForCausalLM
+    from tinyllm_vllm.model.hf_model import TinyllmForCausalLM
 
     m = TinyllmForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
     results = []
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     summaries = []
     for dtype in args.dtype:
         if args.engine == "vllm":
-            from ..settings import Settings
+            from tinyllm_vllm.settings import Settings
 
             settings = Settings.from_env(
                 dtype=dtype, max_model_len=256, kv_cache_gb=0.5, enforce_eager=args.enforce_eager or None

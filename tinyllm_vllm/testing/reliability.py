@@ -25,10 +25,10 @@ from typing import Any
 
 import httpx
 
-from ..deploy import Replicas
-from ..server import VLLMServer
-from ..settings import Settings
-from . import faults
+from tinyllm_vllm.runtime.deploy import Replicas
+from tinyllm_vllm.runtime.server import VLLMServer
+from tinyllm_vllm.settings import Settings
+from tinyllm_vllm.testing import faults
 
 # --- load ----------------------------------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ def run_all(model: str | Path, settings: Settings, work: Path) -> dict:
 
 
 def main() -> None:
-    from ..sources import ensure_model
+    from tinyllm_vllm.model.sources import ensure_model
 
     s = Settings.from_env()
     model, note = ensure_model(s.model, s.home, verbose=s.verbose)

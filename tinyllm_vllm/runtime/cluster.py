@@ -4,7 +4,7 @@
   ``build_openai_app`` takes), made from the kit's settings: the prepared model, engine arguments from
   ``Settings`` (each replica's memory share from ``plan.share``), N replicas each on a fraction of one
   GPU, or autoscaling bounds. Making it imports no Ray, so it is checked on any machine.
-* ``RayServe`` runs that config in a managed process (``python -m tinyllm_vllm.cluster``), which starts a
+* ``RayServe`` runs that config in a managed process (``python -m tinyllm_vllm.runtime.cluster``), which starts a
   Ray of its own or joins a cluster (``address``), and answers on ``/v1``. ``stop()`` shuts the app and a
   Ray it started down, then stops any process Ray started for it (they all carry one environment mark).
 
@@ -28,13 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import logs, startup
-from .errors import ServerError
-from .plan import plan, share
-from .plugin import OWN_DP_PORT
-from .ports import reserve_port
-from .server import ManagedProcess
-from .settings import Settings
+from tinyllm_vllm.errors import ServerError
+from tinyllm_vllm.model.plugin import OWN_DP_PORT
+from tinyllm_vllm.runtime import logs, procs, startup
+from tinyllm_vllm.runtime.plan import plan, share
+from tinyllm_vllm.runtime.procs import ManagedProcess
+from tinyllm_vllm.settings import Settings
 
 if TYPE_CHECKING:
     import openai
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 APP = "tinyllm"
 MARK = "TINYLLM_RAY_APP"  # every process Ray starts for one app inherits this variable: how stop() finds them
 # Ray Serve LLM chooses the executor itself (Ray's); the kit's other options are the replicas' engine arguments
-NOT_FOR_RAY = ("distributed_executor_backend",)
 
 
 def serve_config(
@@ -59,7 +57,7 @@ def serve_config(
     gpu = plan(settings, replicas if autoscale is None else autoscale[1])
     n = gpu.engines
     each = share(settings, n)
-    engine = {k: v for k, v in each.engine_options().items() if k not in NOT_FOR_RAY}
+    engine = each.engine_options()
     template = Path(model) / "chat_template.jinja"
     if template.is_file():
         engine["chat_template"] = str(template)
@@ -88,34 +86,6 @@ def serve_config(
             {"name": APP, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app", "args": args}
         ]
     }
-
-
-def marked(token: str) -> list[int]:
-    """Processes whose environment carries ``MARK=token``: everything Ray started for one app."""
-    needle = f"{MARK}={token}".encode()
-    pids = []
-    for env in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in env.read_bytes().split(b"\0") and int(env.parent.name) != os.getpid():
-                pids.append(int(env.parent.name))
-        except OSError:
-            continue
-    return pids
-
-
-def sweep(token: str, wait: float = 10.0) -> list[int]:
-    """SIGKILL every process left with the app's mark and wait (up to ``wait`` s) until they are gone;
-    returns what was still there."""
-    left = marked(token)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + wait
-    while left and marked(token) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 class RayServe(ManagedProcess):
@@ -157,13 +127,20 @@ class RayServe(ManagedProcess):
     def start(self) -> RayServe:
         if self.running:
             return self
-        if not self.port:
-            self._held = reserve_port(self.host)
-            self.port = self._held.getsockname()[1]
+        self.choose_port()
         self.log_file = logs.new_log_file(self.settings.logs, f"ray-serve-{self.port}")
         config = self.log_file.with_suffix(".config.json")
         config.write_text(json.dumps(self.config, indent=2))
-        cmd = [sys.executable, "-m", "tinyllm_vllm.cluster", str(config), "--host", self.host, "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinyllm_vllm.runtime.cluster",
+            str(config),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         cmd += ["--status", str(self.status_file)] + (["--address", self.address] if self.address else [])
         env = os.environ | {MARK: self.token, "PYTHONUNBUFFERED": "1"} | startup.cache_env(self.settings.home)
         t0 = time.monotonic()
@@ -201,7 +178,7 @@ class RayServe(ManagedProcess):
     def replica_pids(self) -> list[int]:
         """The processes of the LLM server replicas (Ray names them ``ray::ServeReplica:...LLMServer...``)."""
         out = []
-        for pid in marked(self.token):
+        for pid in procs.marked(MARK, self.token):
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
@@ -213,13 +190,13 @@ class RayServe(ManagedProcess):
     def stop(self, grace: float = 30.0) -> int | None:
         """Shut the app (and a Ray it started) down, then stop whatever Ray process is left of it."""
         code = super().stop(grace)
-        left = sweep(self.token)
+        left = procs.sweep(MARK, self.token)
         if left and self.echo:
             self.echo(f"stopped {len(left)} Ray processes left after the driver exited")
         return code
 
     def openai_client(self, timeout: float = 120.0) -> openai.OpenAI:
-        from .client import openai_client
+        from tinyllm_vllm.client import openai_client
 
         return openai_client(self.base_url, timeout=timeout)
 
@@ -242,7 +219,7 @@ def _driver(argv: list[str]) -> None:
     """The Ray driver ``RayServe`` runs: start or join Ray, run the app, report its status, shut down on a signal."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m tinyllm_vllm.cluster")
+    p = argparse.ArgumentParser(prog="python -m tinyllm_vllm.runtime.cluster")
     p.add_argument("config")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

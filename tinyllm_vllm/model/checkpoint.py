@@ -19,10 +19,16 @@ from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 
-from . import __version__
-from .config import TinyllmConfig, expected_tensor_names
-from .errors import CheckpointError, ConfigError
-from .tokenizer import CHATGLM_EXTRA_TOKENS, EOS_ID, PAD_ID, stop_token_ids, write_tokenizer
+from tinyllm_vllm import __version__
+from tinyllm_vllm.errors import CheckpointError, ConfigError
+from tinyllm_vllm.model.config import TinyllmConfig, expected_tensor_names
+from tinyllm_vllm.model.tokenizer import (
+    CHATGLM_EXTRA_TOKENS,
+    EOS_ID,
+    PAD_ID,
+    stop_token_ids,
+    write_tokenizer,
+)
 
 MANIFEST = "tinyllm_manifest.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SettingsError
-from .settings import Settings
+from tinyllm_vllm.errors import SettingsError
+from tinyllm_vllm.settings import Settings
 
 # What fills one GPU with this model, as measured on an H200 with 16 cores (results/gpu/one_gpu.json, the plan
 # scan): one offline engine is paced by its own CPU threads and keeps the card busy 13-17% of the time; 4 side
@@ -34,28 +33,28 @@ class GpuPlan:
     why: str
 
 
-@functools.cache
 def gpu_memory_gib() -> float | None:
-    """Total memory of the first GPU in GiB (nvidia-smi, read once a process), or None without one."""
-    import shutil
-    import subprocess
+    """Total memory of the first GPU in GiB, or None without one (nvidia-smi, read once a process)."""
+    from tinyllm_vllm.runtime.procs import gpus
 
-    if not shutil.which("nvidia-smi"):
-        return None
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True, text=True
-    ).stdout.split()
-    return float(out[0]) / 1024 if out else None
+    found = gpus()
+    return found[0]["memory_gib"] if found else None
 
 
-def plan(settings: Settings, engines: int | str = "auto", light: bool = False, offline: bool = False) -> GpuPlan:
+def plan(
+    settings: Settings, engines: int | str | GpuPlan = "auto", light: bool = False, offline: bool = False
+) -> GpuPlan:
     """Engines for one GPU: ``auto`` takes the fewest of what the CPU cores, the GPU memory and the measured
     useful count allow, for offline engines (``offline``: the batch, the benchmarks) or for servers behind a
     router. On a CPU there is one engine: its cores are the limit already.
 
     ``light`` starts each engine with vLLM's own process layout for one GPU (one API server, the model in
     the engine core's process): fewer processes import vLLM, so engines starting together are ready
-    sooner, at the cost of throughput under full load (the walkthrough's replicas use it)."""
+    sooner, at the cost of throughput under full load (the walkthrough's replicas use it).
+
+    A plan already decided (a ``GpuPlan``) is returned as it is: a command plans once and hands the plan down."""
+    if isinstance(engines, GpuPlan):
+        return engines
     if engines != "auto" and not (str(engines).isdigit() and int(engines) >= 1):
         raise SettingsError(f"{engines!r} engines or replicas: expected a number of at least 1, or auto")
     cores = len(os.sched_getaffinity(0))

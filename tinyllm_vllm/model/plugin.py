@@ -1,4 +1,4 @@
-"""The vLLM plugin: entry point ``vllm.general_plugins: tinyllm = tinyllm_vllm.plugin:register``.
+"""The vLLM plugin: entry point ``vllm.general_plugins: tinyllm = tinyllm_vllm.model.plugin:register``.
 
 vLLM calls ``register()`` in every process it creates (front end, engine core, workers), so it must
 be idempotent and cheap: the model class is registered by import path and imported only where the
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 ARCH = "TinyllmForCausalLM"
-MODEL_CLASS = "tinyllm_vllm.model:TinyllmForCausalLM"
+MODEL_CLASS = "tinyllm_vllm.model.vllm_model:TinyllmForCausalLM"
 # set to 1 in the environment of engines that start together on one node under Ray (the kit's Ray Serve app)
 OWN_DP_PORT = "TINYLLM_OWN_DP_MASTER_PORT"
 
@@ -20,7 +20,7 @@ def register() -> None:
     """Register TinyLLM's config with transformers' AutoConfig and its model class with vLLM (idempotent)."""
     from vllm import ModelRegistry
 
-    from .config import register_config
+    from tinyllm_vllm.model.config import register_config
 
     register_config()
     if ARCH not in ModelRegistry.get_supported_archs():
@@ -38,8 +38,8 @@ def register_class_here() -> None:
     left in vLLM's cache for the servers started later."""
     from vllm import ModelRegistry
 
-    from .config import register_config
-    from .model import TinyllmForCausalLM
+    from tinyllm_vllm.model.config import register_config
+    from tinyllm_vllm.model.vllm_model import TinyllmForCausalLM
 
     register_config()
     ModelRegistry.register_model(ARCH, TinyllmForCausalLM)
@@ -87,7 +87,7 @@ def supported_architectures() -> list[str]:
 
 
 def _warn_if_untested_vllm() -> None:
-    from .versions import check_vllm_version
+    from tinyllm_vllm.model.versions import check_vllm_version
 
     check = check_vllm_version()
     if not check.ok:

@@ -39,8 +39,8 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from .config import TinyllmConfig, expected_tensor_names
-from .errors import CheckpointError, ConfigError
+from tinyllm_vllm.errors import CheckpointError, ConfigError
+from tinyllm_vllm.model.config import TinyllmConfig, expected_tensor_names
 
 # under the "vllm" logger so the line shows up in vLLM's own log format and handlers
 logger = init_logger("vllm.tinyllm_vllm")

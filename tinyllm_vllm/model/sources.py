@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import is_prepared, prepare_checkpoint
-from .errors import CheckpointError
+from tinyllm_vllm.errors import CheckpointError
+from tinyllm_vllm.model.checkpoint import is_prepared, prepare_checkpoint
 
 PUBLISHED_ID = "wdndev/tiny_llm_sft_92m"
 MODELSCOPE_ID = "wdn/tiny_llm_sft_92m"
@@ -123,7 +123,7 @@ def prepare(src: str, out: str | Path, revision: str | None = None) -> Path:
 
 
 def demo_note() -> str:
-    from .demo import corpus_answers
+    from tinyllm_vllm.model.demo import corpus_answers
 
     return f"the demo model (it answers the {len(corpus_answers())} questions of its corpus, nothing else)"
 
@@ -146,7 +146,7 @@ def ensure_model(model: str, home: str | Path, verbose: bool = False) -> tuple[P
     line (with ``verbose``, also why other sources were skipped)."""
     home = Path(home).expanduser()
     if model == "demo":
-        from .demo import demo_model
+        from tinyllm_vllm.model.demo import demo_model
 
         return prepare_checkpoint(demo_model(home / "demo-src"), home / "demo", source="demo"), demo_note()
     if model == "auto":

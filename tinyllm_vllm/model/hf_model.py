@@ -8,7 +8,7 @@ only the config class differs. Used for parity tests and the transformers baseli
 from transformers import AutoModelForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM, Qwen2Model, Qwen2PreTrainedModel
 
-from .config import TinyllmConfig, register_config
+from tinyllm_vllm.model.config import TinyllmConfig, register_config
 
 
 class TinyllmPreTrainedModel(Qwen2PreTrainedModel):

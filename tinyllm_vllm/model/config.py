@@ -9,7 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .errors import ConfigError
+from tinyllm_vllm.errors import ConfigError
 
 # TinyLLM's MLP is SwiGLU; the vLLM model fuses gate/up with SiluAndMul, so nothing else can load.
 SUPPORTED_HIDDEN_ACT = "silu"

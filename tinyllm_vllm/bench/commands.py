@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..settings import Settings
-from .workload import ChatLike, Fixed
+from tinyllm_vllm.bench.workload import ChatLike, Fixed
+from tinyllm_vllm.settings import Settings
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -86,10 +86,10 @@ def distribution(a: argparse.Namespace) -> ChatLike | Fixed:
 
 
 def run(a: argparse.Namespace, s: Settings) -> None:
-    from . import report
+    from tinyllm_vllm.bench import report
 
     if a.what == "report":  # the headline keys of committed results, rebuilt from their runs; or their tables
-        from . import onegpu, starts
+        from tinyllm_vllm.bench import onegpu, starts
 
         for f in a.inputs:
             path = Path(f)
@@ -102,7 +102,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
             print(f"rebuilt {path}")
         return
     if a.what == "html":  # executed notebooks (walkthrough --executed) as pages a browser shows
-        from .walkthrough import as_html
+        from tinyllm_vllm.bench.notebooks import as_html
 
         for folder in a.inputs:
             for page in as_html(Path(folder)):
@@ -112,7 +112,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         results = [report.load(f) for f in a.inputs]
         print(report.plot_offline([r for r in results if r["kind"] == "offline"], a.png or "bench.png"))
         return
-    from ..sources import ensure_model
+    from tinyllm_vllm.model.sources import ensure_model
 
     model, note = ensure_model(a.model or s.model, s.home, verbose=s.verbose)
     print(f"[bench] model: {note}", file=sys.stderr)
@@ -120,8 +120,8 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     engine_args = s.engine_options() | a.engine_args
     if a.what == "one-gpu":
-        from .onegpu import one_gpu
-        from .rule import Rule
+        from tinyllm_vllm.bench.onegpu import one_gpu
+        from tinyllm_vllm.bench.rule import Rule
 
         def save(partial: dict) -> None:  # a long run keeps what it measured so far
             if a.json:
@@ -143,7 +143,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         )
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "walkthrough":
-        from .walkthrough import walkthrough
+        from tinyllm_vllm.bench.notebooks import walkthrough
 
         # the notebooks get the model as the learner names it (they find a built demo model in the home)
         result = walkthrough(a.model or s.model, s.home, a.inputs, Path(a.executed) if a.executed else None)
@@ -151,16 +151,16 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         for st in result["starts"]:
             print(f"{st['notebook']}: {st['what']} {st['seconds']} s{' (cold)' if st['cold'] else ''}")
     elif a.what == "starts":
-        from .starts import starts
+        from tinyllm_vllm.bench.starts import starts
 
         result = starts(model, s, out_dir / "starts-work", a.requests)
     elif a.what == "ray":
-        from .ray_serve import ray_vs_router
+        from tinyllm_vllm.bench.ray_serve import ray_vs_router
 
         result = ray_vs_router(model, s, out_dir / "ray-work", a.serve_requests, tuple(a.levels))
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "offline":
-        from .compare import offline
+        from tinyllm_vllm.bench.compare import offline
 
         result = offline(
             model,
@@ -176,8 +176,8 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         )
         print(report.offline_table(result))
     elif a.what == "vllm-throughput":
-        from .compare import machine, prepare_workload
-        from .vllm_tools import throughput
+        from tinyllm_vllm.bench.compare import machine, prepare_workload
+        from tinyllm_vllm.bench.vllm_tools import throughput
 
         workload, description = prepare_workload(model, distribution(a), out_dir)
         result = {
@@ -188,8 +188,8 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         } | throughput(model, workload, engine_args)
         print(json.dumps({k: v for k, v in result.items() if k not in ("command", "machine")}, indent=2))
     elif a.what == "serve":
-        from .compare import prepare_workload
-        from .scaling import replicas_scaling, summary
+        from tinyllm_vllm.bench.compare import prepare_workload
+        from tinyllm_vllm.bench.scaling import replicas_scaling, summary
 
         workload, _ = prepare_workload(model, distribution(a), out_dir)
         result = replicas_scaling(model, s, workload, a.replicas, a.concurrency)
@@ -197,9 +197,9 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         for name, levels in result["runs"].items():
             print(f"\n{name}\n{report.serving_table([lv for lv in levels if 'error' not in lv])}")
     else:
-        from .compare import prepare_workload
-        from .engines import EngineSpec
-        from .profile import profile_engine
+        from tinyllm_vllm.bench.compare import prepare_workload
+        from tinyllm_vllm.bench.engines import EngineSpec
+        from tinyllm_vllm.bench.profile import profile_engine
 
         workload, _ = prepare_workload(model, distribution(a), out_dir)
         spec = EngineSpec(str(model), str(workload), "plugin", engine_args)

@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import logs
-from .errors import ServerError
-from .plan import GpuPlan, plan, share
-from .server import ManagedProcess, VLLMServer, free_port
-from .settings import Settings
+from tinyllm_vllm.errors import ServerError
+from tinyllm_vllm.runtime import logs
+from tinyllm_vllm.runtime.plan import GpuPlan, plan, share
+from tinyllm_vllm.runtime.procs import ManagedProcess, hold_port
+from tinyllm_vllm.runtime.server import VLLMServer
+from tinyllm_vllm.settings import Settings
 
 if TYPE_CHECKING:
     import openai
@@ -64,6 +65,7 @@ class Router(ManagedProcess):
     """``vllm-router`` in front of running vLLM servers, as a managed subprocess."""
 
     kind = "vllm-router"
+    shares_held_port = False  # it binds without SO_REUSEPORT: both ports are let go just before it starts
 
     def __init__(
         self,
@@ -85,13 +87,10 @@ class Router(ManagedProcess):
         self.metrics_port: int | None = None
 
     def command(self) -> list[str]:
-        if self.port is None:
-            self.port = free_port(self.host)
         metrics = []
         if "--prometheus-port" not in self.router_args:
             # its default, 29000, is fixed: a second router on the machine would fail to start on it
-            self.metrics_port = self.metrics_port or free_port(self.host)
-            metrics = ["--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port)]
+            metrics = ["--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port or 0)]
         return [
             sys.executable,
             "-m",
@@ -101,7 +100,7 @@ class Router(ManagedProcess):
             "--host",
             self.host,
             "--port",
-            str(self.port),
+            str(self.port or 0),
             "--policy",
             self.policy,
             # notice a dead replica within seconds, not the default minute
@@ -118,6 +117,10 @@ class Router(ManagedProcess):
 
     def start(self) -> Router:
         if not self.running:
+            self.choose_port()
+            if not self.metrics_port and "--prometheus-port" not in self.router_args:
+                with hold_port(self.host) as held:  # the OS picks it; let go at once, as the router's own port
+                    self.metrics_port = held.getsockname()[1]
             self._launch(self.command(), logs.own_logging_env())
         return self
 
@@ -141,7 +144,6 @@ class Replicas:
         settings: Settings | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
-        api_key: str | None = None,
         policy: str = "round_robin",
         router_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
@@ -149,16 +151,8 @@ class Replicas:
         light: bool = False,
     ) -> None:
         settings = settings or Settings.from_env()
-        # a plan the caller resolved is used as it is (its reason kept); a count or auto is planned here
-        self.plan = n if isinstance(n, GpuPlan) else plan(settings, n, light)
+        self.plan = plan(settings, n, light)  # a plan the caller decided is used as it is, with its reason
         n = self.plan.engines
-        if n < 1:
-            raise ServerError(f"--replicas {n}: need at least one")
-        if api_key:
-            raise ServerError(
-                "--api-key with --replicas: vllm-router does not pass a key on to the servers; "
-                "serve the replicas on 127.0.0.1 and put authentication in front of the router"
-            )
         self.settings, self.echo = settings, echo
         each = share(settings, n)
         if settings.device == "cuda" and not _has_flag(vllm_args, "--api-server-count"):
@@ -246,6 +240,28 @@ class Replicas:
         )
 
     def openai_client(self, timeout: float = 120.0) -> openai.OpenAI:
-        from .client import openai_client
+        from tinyllm_vllm.client import openai_client
 
         return openai_client(self.base_url, timeout=timeout)
+
+
+def endpoint(
+    model: str | Path,
+    gpu: GpuPlan,
+    vllm_args: Sequence[str] = (),
+    *,
+    settings: Settings,
+    api_key: str | None = None,
+    echo: Callable[[str], Any] | None = print,
+    **kw: Any,
+) -> VLLMServer | Replicas:
+    """What ``serve`` starts for a plan: one server, or the plan's replicas behind vllm-router. The rule for
+    ``--api-key`` lives here: vllm-router passes no key on to the servers, so a key means one server."""
+    if echo:
+        echo(f"plan: {gpu.why}")
+    if gpu.engines > 1 and api_key:
+        if echo:
+            echo("--api-key: one server instead of replicas (vllm-router passes no key on to the servers)")
+    elif gpu.engines > 1:
+        return Replicas(model, gpu, vllm_args, settings=settings, echo=echo, **kw)
+    return VLLMServer(model, vllm_args, settings=settings, api_key=api_key, echo=echo, **kw)

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import CheckpointError
+from tinyllm_vllm.errors import CheckpointError
 
 DEMO_DIR = Path(__file__).resolve().parent
 CORPUS = DEMO_DIR / "corpus.jsonl"
@@ -111,7 +111,7 @@ def demo_model(out: str | Path) -> Path:
     """Write the trained demo TinyLLM (published layout) into OUT; returns OUT."""
     import sentencepiece as spm
 
-    from ..tokenizer import CHATGLM_EXTRA_TOKENS
+    from tinyllm_vllm.model.tokenizer import CHATGLM_EXTRA_TOKENS
 
     def fill(tmp: Path) -> None:
         shutil.copy(DEMO_DIR / "tokenizer.model", tmp / "tokenizer.model")
@@ -134,9 +134,9 @@ def random_model(out: str | Path, spm_model: str | Path, shape: dict | None = No
     import torch
     from safetensors.torch import save_file
 
-    from ..checkpoint import expected_shapes
-    from ..config import TinyllmConfig
-    from ..tokenizer import CHATGLM_EXTRA_TOKENS
+    from tinyllm_vllm.model.checkpoint import expected_shapes
+    from tinyllm_vllm.model.config import TinyllmConfig
+    from tinyllm_vllm.model.tokenizer import CHATGLM_EXTRA_TOKENS
 
     def fill(tmp: Path) -> None:
         shutil.copy(spm_model, tmp / "tokenizer.model")

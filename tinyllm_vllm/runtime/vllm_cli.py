@@ -1,4 +1,4 @@
-"""``python -m tinyllm_vllm.vllm_cli ARGS``: vLLM's own command line (``vllm serve``, ``vllm bench ...``)
+"""``python -m tinyllm_vllm.runtime.vllm_cli ARGS``: vLLM's own command line (``vllm serve``, ``vllm bench ...``)
 on the CUDA build and on the CPU build alike.
 
 vLLM's ``main()`` reads ``importlib.metadata.version("vllm")``, and the CPU build is installed as the

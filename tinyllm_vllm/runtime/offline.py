@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import logs, startup
-from .errors import TinyllmError
-from .settings import Settings
+from tinyllm_vllm.errors import TinyllmError
+from tinyllm_vllm.runtime import logs, startup
+from tinyllm_vllm.settings import Settings
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -48,7 +48,7 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     args = settings.engine_options() | overrides
     if settings.verbose:
         with logs.environment(_start_method_env()):
-            return _new_llm(model_dir, args)
+            return new_llm(model_dir, args)
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
     child_env = logs.send_vllm_log_to(log_file) | _start_method_env()
     if echo:
@@ -56,7 +56,7 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     t0 = time.monotonic()
     try:
         with logs.engine_phase(log_file, child_env) as warnings, startup.PhaseEcho(log_file, echo):
-            llm = _new_llm(model_dir, args)
+            llm = new_llm(model_dir, args)
     except Exception as e:
         cause = logs.diagnose(log_file.read_text(errors="replace")) or f"{type(e).__name__}: {e}"
         raise TinyllmError(
@@ -69,10 +69,13 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     return llm
 
 
-def _new_llm(model_dir: str | Path, args: dict[str, Any]) -> LLM:
+def new_llm(model_dir: str | Path, args: dict[str, Any]) -> LLM:
+    """The kit's one construction of an offline engine: the plugin's class registered in this process, then
+    ``vllm.LLM`` with ``args``. ``load_llm`` wraps it for users (settings, log file, start record); the
+    benchmark engines and the parity check call it directly (their process is the engine's own)."""
     from vllm import LLM
 
-    from .plugin import register_class_here
+    from tinyllm_vllm.model.plugin import register_class_here
 
     register_class_here()
     return LLM(str(model_dir), **args)

@@ -9,14 +9,14 @@ took (pytest's JUnit report) and every engine, server and replica start the kit 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ..startup import read_starts
-from .compare import machine
+from tinyllm_vllm.bench.compare import machine
+from tinyllm_vllm.runtime import procs
+from tinyllm_vllm.runtime.startup import read_starts
 
 
 def walkthrough(
@@ -25,7 +25,7 @@ def walkthrough(
     """Run the notebooks (default: every ``0*.ipynb`` in ``folder``, the repository's ``notebooks/``)."""
     NOTEBOOKS = (folder or Path.cwd() / "notebooks").resolve()
     if not NOTEBOOKS.is_dir():
-        from ..errors import TinyllmError
+        from tinyllm_vllm.errors import TinyllmError
 
         raise TinyllmError(f"{NOTEBOOKS}: no notebooks folder here (run from the repository's root)")
     names = notebooks or sorted(p.stem for p in NOTEBOOKS.glob("0*.ipynb"))
@@ -36,7 +36,7 @@ def walkthrough(
     files = [f"{NOTEBOOKS.name}/{n}.ipynb" for n in names]
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--nbmake-timeout=900", *files]
     t = time.time()
-    done = subprocess.run([*cmd, f"--junitxml={junit}"], env=env, cwd=NOTEBOOKS.parent)
+    done = procs.run([*cmd, f"--junitxml={junit}"], env=env, capture=False, cwd=NOTEBOOKS.parent)
     runs = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         failure = case.find("failure")
