@@ -55,3 +55,29 @@ def make_published(dst: Path, weights_dir: Path, tokenizer_dir: Path, config_pat
         shutil.copy(tokenizer_dir / name, dst / name)
     (dst / "modeling_tinyllm.py").write_text("raise RuntimeError('remote code must never run')\n")
     return dst
+
+
+def watchdogs_of(parent: int) -> list[int]:
+    """The kit's watchdogs (each leads the process group of one server or router) that ``parent`` started."""
+    found = []
+    for d in os.scandir("/proc"):
+        if d.name.isdigit():
+            try:
+                cmdline = open(f"/proc/{d.name}/cmdline").read().split("\0")
+            except OSError:
+                continue
+            if "tinyllm_vllm.runtime.procs" in cmdline and str(parent) in cmdline:
+                found.append(int(d.name))
+    return found
+
+
+def kill_everything(proc, groups: list[int]) -> None:
+    """Whatever a test left (a command and the groups it started): SIGKILL, so the suite goes on clean."""
+    import signal
+
+    for pgid in [proc.pid, *groups]:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -13,6 +13,8 @@ import pytest
 from tinyllm_vllm.model.demo import corpus_answers
 from tinyllm_vllm.runtime.procs import group_members
 
+from helpers import kill_everything, watchdogs_of
+
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -252,7 +254,7 @@ def test_ctrl_c_during_serve_start_stops_everything_quickly(demo_dir, tmp_path, 
         cores = len(os.sched_getaffinity(0))
         assert any(ln.startswith(f"plan: 1 engine on the CPU ({cores} cores)") for ln in said), said
         time.sleep(4)  # vLLM is loading now
-        groups = [int(d.name) for d in os.scandir("/proc") if d.name.isdigit() and _is_watchdog_of(int(d.name), p.pid)]
+        groups = watchdogs_of(p.pid)
         assert groups
         t = time.monotonic()
         p.send_signal(signal.SIGINT)
@@ -264,20 +266,7 @@ def test_ctrl_c_during_serve_start_stops_everything_quickly(demo_dir, tmp_path, 
         assert "Traceback" not in err
         assert not any(group_members(g) for g in groups)
     finally:  # whatever failed above, leave nothing running for the rest of the suite
-        for pgid in [p.pid, *groups]:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait()
-
-
-def _is_watchdog_of(pid: int, parent: int) -> bool:
-    try:
-        cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
-    except OSError:
-        return False
-    return "tinyllm_vllm.runtime.procs" in cmdline and str(parent) in cmdline
+        kill_everything(p, groups)
 
 
 def test_a_batch_row_with_a_bad_field_is_named(tmp_path):

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
 def fleet(demo_dir, cpu_settings):
     replicas = Replicas(demo_dir, 2, settings=cpu_settings, echo=None)
     with replicas:
-        yield replicas
+        yield replicas.wait_all()
     groups = [replicas.router.proc.pid] + [s.proc.pid for s in replicas.servers]
     assert not [pid for g in groups for pid in group_members(g)], "processes left after stop()"
 

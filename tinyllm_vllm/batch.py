@@ -45,7 +45,6 @@ SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "repetition_penalty": (int, float),
 }
 SYNC_S = 1.0  # a part file is synced to disk at least this often
-TICK_S = 0.1  # the engines count finished tokens per tick, for the rate while all of them generate
 
 
 @dataclass(frozen=True)
@@ -209,18 +208,20 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
 
 
 def _timing(statuses: list[dict]) -> dict:
-    """From the engines' status files: the generating span (first engine ready to last row), and the rate while
-    every engine was generating (from the last one ready until the first ran out of rows to add), as the
-    benchmarks' measurement rule takes a steady state."""
+    """From the engines' status files: the generating span (first engine ready to last row), and the steady
+    rate by the benchmarks' measurement rule (``bench.rule.steady``: tokens made while the rows in flight were
+    at least 90% of what the engines run at once together, each row's tokens spread over its time in flight)."""
+    from tinyllm_vllm.bench.rule import steady
+
     first, last = min(s["ready_at"] for s in statuses), max(s["finished_at"] for s in statuses)
     tokens = sum(s["output_tokens"] for s in statuses)
-    lo, hi = max(s["ready_at"] for s in statuses), min(s["last_added_at"] for s in statuses)
     span = max(1e-9, last - first)
     out = {"output_tokens": tokens, "generate_s": span, "whole_tok_s": tokens / span}
-    if hi - lo > 0:
-        made = sum(n for s in statuses for t, n in s["finished"] if lo <= t * TICK_S < hi)
-        out |= {"useful_tok_s": made / (hi - lo), "steady_s": hi - lo}
-    else:  # too few rows for all engines to run at once: the whole span is all there is
+    records = [{"sent": a, "end": b, "tokens": n} for s in statuses for a, b, n in s["records"]]
+    rate = steady(records, sum(s["max_num_seqs"] for s in statuses))
+    if rate["steady_s"] > 0:
+        out |= {"useful_tok_s": rate["steady_tok_s"], "steady_s": rate["steady_s"]}
+    else:  # too few rows to keep the engines full: the whole span is all there is
         out |= {"useful_tok_s": tokens / span, "steady_s": 0.0}
     return out
 
@@ -271,7 +272,7 @@ class _PartWriter:
         self.rows, self.tok = rows, tokenizer
         self.synced = time.monotonic()
         self.output_tokens = 0
-        self.finished: dict[int, int] = {}  # tick -> output tokens of the rows finished in it
+        self.records: list[list[float]] = []  # [sent, end, output tokens] of each row, for the steady rate
 
     def write(self, done: Done) -> None:
         i = done.key
@@ -283,8 +284,7 @@ class _PartWriter:
         self.file.write(json.dumps(result, ensure_ascii=False) + "\n")
         self.file.flush()
         self.output_tokens += len(done.token_ids)
-        tick = int(done.end / TICK_S)
-        self.finished[tick] = self.finished.get(tick, 0) + len(done.token_ids)
+        self.records.append([round(done.sent, 3), round(done.end, 3), len(done.token_ids)])
         if time.monotonic() - self.synced >= SYNC_S:
             self.sync()
 
@@ -317,28 +317,26 @@ def worker(spec: WorkerSpec) -> None:
     settings = Settings(**spec.settings)
     rows = read_rows(Path(spec.input))
     llm = offline.load_llm(spec.model, settings, echo=None, **spec.engine_options)
-    ready_at = time.time()
     tok = llm.get_tokenizer()
     mine = [rows[i] for i in spec.indices]
     ids = prompt_ids(tok, mine, job["raw"])
+    ready_at = time.time()  # the engine is up and its rows are tokens: generating starts now
     defaults = {"max_tokens": job["max_tokens"], "temperature": job["temperature"], "top_p": job["top_p"]}
     defaults["seed"] = job["seed"]
-
-    last_added = [time.time()]
 
     def requests() -> Any:
         for i, row, prompt in zip(spec.indices, mine, ids, strict=True):
             own = {k: row[k] for k in SAMPLING_FIELDS if row.get(k) is not None}
             params = offline.sampling(**(defaults | own), detokenize=False)
             yield i, TokensPrompt(prompt_token_ids=prompt), params
-        last_added[0] = time.time()
 
     writer = _PartWriter(Path(spec.out), rows, tok)
     try:
         feed.keep_full(llm, requests(), writer.write, job["in_flight"])
         writer.close()
-        status = {"ready_at": ready_at, "finished_at": time.time(), "last_added_at": last_added[0], "rows": len(mine)}
-        status |= {"output_tokens": writer.output_tokens, "finished": sorted(writer.finished.items())}
+        status = {"ready_at": ready_at, "finished_at": time.time(), "rows": len(mine)}
+        status |= {"output_tokens": writer.output_tokens, "records": writer.records}
+        status["max_num_seqs"] = feed.max_num_seqs(llm)
         Path(spec.status).write_text(json.dumps(status))
     finally:
         offline.close(llm, echo=None)

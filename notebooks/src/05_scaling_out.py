@@ -42,7 +42,9 @@ print("model:", note)
 # %% [markdown]
 # ## 1. Start the replicas and the router
 # The servers start at the same time, each with a fixed share of the memory (so vLLM's memory
-# profiling in one does not see the others' allocations), then the router. `auto` picks the number
+# profiling in one does not see the others' allocations). The router starts as soon as the first replica
+# is ready, so the endpoint answers from then on; each other replica joins the router the moment it is
+# ready. `wait_all()` waits for the last one (full capacity). `auto` picks the number
 # from the CPU cores, the GPU memory and what was measured to fill a GPU, and says why in one line.
 # `tinyllm-vllm serve --replicas N` does the same, with more processes per replica: on a GPU it gives each
 # replica several API server processes and runs the model in a worker process of its own, which serves
@@ -53,6 +55,9 @@ print("model:", note)
 from tinyllm_vllm.runtime.deploy import Replicas
 
 fleet = Replicas(model_dir, REPLICAS, settings=settings, light=LIGHT).start()
+print(f"first answer after {fleet.first_answer_s:.0f} s")
+fleet.wait_all()
+print(f"all {len(fleet.joined)} replicas answering after {fleet.all_ready_s:.0f} s")
 
 # %% [markdown]
 # ## 2. One endpoint

@@ -120,9 +120,10 @@ print(REMOTE_POLICY_TEXT)
 # stopped too (all of them carry one environment mark).
 
 # %%
-from tinyllm_vllm.runtime.cluster import marked
+from tinyllm_vllm.runtime.cluster import MARK
+from tinyllm_vllm.runtime.procs import marked
 
 if app:
     app.stop()
-    assert not marked(app.token), "Ray processes left"
+    assert not marked(MARK, app.token), "Ray processes left"
 print("stopped" if app else "nothing was started")

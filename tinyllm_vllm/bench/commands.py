@@ -48,11 +48,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="plot, report: result JSON files; walkthrough: notebook names (default all); html: notebook folders",
     )
     p.add_argument("--serve-requests", type=int, default=16384, help="one-gpu, ray: requests per serving run")
-    p.add_argument("--min-seconds", type=float, default=20, help="one-gpu: a timed run lasts at least this long")
-    p.add_argument("--min-factor", type=int, default=8, help="one-gpu: and holds this many times its in-flight count")
+    p.add_argument("--min-seconds", type=float, default=20, help="one-gpu, ray: a timed run lasts at least this long")
+    p.add_argument(
+        "--min-factor", type=int, default=8, help="one-gpu, ray: and holds this many times its in-flight count"
+    )
     p.add_argument("--scan", type=int, nargs="+", default=[2, 4, 8], help="one-gpu: engine counts side by side")
     p.add_argument("--batch-rows", type=int, default=65536, help="one-gpu: rows of the generate --input run")
-    p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu: requests in flight")
+    p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu, ray: requests in flight")
     p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")
     p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
     p.add_argument("--workload", choices=["chat", "fixed"], default="chat")
@@ -156,8 +158,10 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         result = starts(model, s, out_dir / "starts-work", a.requests)
     elif a.what == "ray":
         from tinyllm_vllm.bench.ray_serve import ray_vs_router
+        from tinyllm_vllm.bench.rule import Rule
 
-        result = ray_vs_router(model, s, out_dir / "ray-work", a.serve_requests, tuple(a.levels))
+        rule = Rule(a.min_seconds, a.min_factor, a.repeats or 3)
+        result = ray_vs_router(model, s, out_dir / "ray-work", rule, distribution(a), a.serve_requests, tuple(a.levels))
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "offline":
         from tinyllm_vllm.bench.compare import offline

@@ -183,6 +183,7 @@ def _serving(
     from tinyllm_vllm.runtime.deploy import Replicas
 
     with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
+        fleet.wait_all()  # measured at full capacity
         out = {"replicas": len(fleet.servers), "api_server_count": fleet.plan.api_server_count, "plan": fleet.plan.why}
         urls = [s.url for s in fleet.servers]
         return out | serve_levels(fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls)

@@ -116,6 +116,8 @@ def ray_vs_router(
     }
     runs: dict[str, Any] = {}
     with RayServe(model, gpu, settings=settings, echo=progress) as app:
+        llm = app.config["applications"][0]["args"]["llm_configs"][0]
+        app_settings = {k: llm[k] for k in ("engine_kwargs", "deployment_config", "placement_group_config")}
         runs["ray"] = serve_levels(app, dist, tok, rule, requests, levels, progress, label="ray: Ray Serve LLM")
         runs["ray"]["start_s"] = round(app.ready_s, 1)
         rows = text_rows(replace(dist, seed=dist.seed + 2), tok, range(requests))
@@ -126,15 +128,25 @@ def ray_vs_router(
         )
     result["ray_processes_left"] = len(procs.marked(MARK, app.token))
     with Replicas(model, gpu, settings=settings, echo=progress) as fleet:
+        fleet.wait_all()
         urls = [s.url for s in fleet.servers]
         runs["router"] = serve_levels(
             fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls, label="ray: replicas + vllm-router"
         )
-    ray, router = best_level(runs["ray"]), best_level(runs["router"])
+    ray, router = best_level(runs["ray"]) or {}, best_level(runs["router"]) or {}
+    timed = [r for side in ("ray", "router") for lv in runs[side]["levels"] for r in lv["runs"]]
     result |= {
-        "ray": ray,
-        "router": router,
-        "ray_over_router": ray["tok_s"] / router["tok_s"] if ray and router else None,
+        "output_tok_s": ray.get("tok_s"),
+        "spread": ray.get("spread"),
+        "seconds": ray.get("seconds"),
+        "ttft_ms_p99": ray.get("ttft_ms_p99"),
+        "router_output_tok_s": router.get("tok_s"),
+        "router_spread": router.get("spread"),
+        "router_seconds": router.get("seconds"),
+        "router_ttft_ms_p99": router.get("ttft_ms_p99"),
+        "ray_over_router": ray["tok_s"] / router["tok_s"] if ray.get("tok_s") and router.get("tok_s") else None,
+        "failed": sum(r["failed"] for r in timed),
+        "settings": app_settings,
         "replica_killed": {
             k: killed[k] for k in ("failed", "lost", "restart_s", "completed", "requests", "under_load")
         },

@@ -232,15 +232,19 @@ def walkthrough_tables(result: dict) -> str:
 def ray_table(result: dict) -> str:
     """``bench ray``'s result: Ray Serve LLM and the kit's replicas on the same load, and the replica killed."""
     k = result["replica_killed"]
+    from tinyllm_vllm.bench.onegpu import level_headline
+
     rows = [
-        f"| endpoint ({result['replicas']} replicas, one GPU) | in flight | output tok/s | TTFT p50 / p99 | overlap |",
-        "|---|---:|---:|---:|---:|",
+        f"| endpoint ({result['replicas']} replicas, one GPU) | in flight | steady output tok/s (median) | min-max "
+        "| shortest run | TTFT p99 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for key, label in (("ray", "Ray Serve LLM"), ("router", "the kit's replicas behind vllm-router")):
-        for lv in result["runs"][key]["levels"]:
+        for lv in map(level_headline, result["runs"][key]["levels"]):
+            lo, hi = lv["spread"]
             rows.append(
-                f"| {label} | {lv['concurrency']} | {lv['output_tok_s']:,.0f} | {lv['ttft_ms_p50'] / 1000:.1f} s / "
-                f"{lv['ttft_ms_p99'] / 1000:.1f} s | {lv['client_overlap']:.0%} |"
+                f"| {label} | {lv['concurrency']} | {lv['tok_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {lv['seconds']:.0f} s "
+                f"| {lv['ttft_ms_p99'] / 1000:.1f} s |"
             )
     rows += [
         "",

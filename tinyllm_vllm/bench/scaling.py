@@ -68,6 +68,7 @@ def replicas_scaling(
     }
     runs = result["runs"]
     with Replicas(model, max(counts), vllm_args, settings=settings, echo=progress) as fleet:
+        fleet.wait_all()
         name = fleet.served_model_name
         result["warm_up"] = levels(fleet.url, name, workload, concurrencies[:1], progress, "warm-up")
         runs["1 server (no router)"] = levels(fleet.servers[0].url, name, workload, concurrencies, progress, "1 server")

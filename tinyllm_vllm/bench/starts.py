@@ -10,7 +10,9 @@ warm-up, API server):
 * lighter settings, cold: vLLM's ``-O1`` and ``-O0`` (no compile, no CUDA graphs), with the throughput
   each one gives on the same requests (the cost of starting faster);
 * one ``vllm serve`` with the kit's settings, after the offline engine (does it hit that cache?);
-* the kit's replicas (``plan``), started together.
+* ``serve``: the kit's replicas (``plan``) as ``tinyllm-vllm serve`` starts them, in a fresh kit home and
+  then in the same home again: seconds to the first answer and until every replica has joined the router,
+  each replica's start phases, and requests sent all through the joins (none may fail).
 """
 
 from __future__ import annotations
@@ -92,14 +94,69 @@ def starts(
     try:
         with VLLMServer(model, settings=settings, echo=None):
             pass
-        with Replicas(model, "auto", settings=settings, echo=None):
-            pass
     except Exception as e:  # a failed server start is a result too; what started is stopped already
-        out.append({"what": "server or replicas", "error": str(e)[-2000:]})
+        out.append({"what": "server", "error": str(e)[-2000:]})
     for r in _recorded(home, t):
         step(r)
+    serve_home = out_dir / "serve-home"
+    os.environ["VLLM_CACHE_ROOT"] = str(serve_home / "vllm-cache")  # fresh again: the first serve compiles
+    result["serve"] = []
+    for label in ("fresh home", "same home again"):
+        r = serve_start(model, settings.replace(home=serve_home), label)
+        result["serve"].append(r)
+        progress(
+            f"[starts] serve, {label}: first answer after {r.get('first_answer_s')} s, all {r.get('replicas')} "
+            f"replicas after {r.get('all_replicas_s')} s, {r.get('failed_during_joins')} of "
+            f"{r.get('requests_during_joins')} requests failed during the joins {r.get('error', '')}"
+        )
     result["persistence_mode"] = _persistence_mode()
     return summarized(result)
+
+
+def serve_start(model: str | Path, settings: Settings, label: str, clients: int = 8) -> dict:
+    """``serve``'s start as a user meets it: the replicas of the plan, the endpoint answering on the first; while
+    the others join, ``clients`` threads send chat requests without pause, and every failure is counted."""
+    import threading
+
+    import httpx
+
+    t = time.time()
+    stop = threading.Event()
+    counts = {"sent": 0, "failed": 0}
+    out: dict[str, Any] = {"what": f"serve, {label}"}
+
+    def send(url: str, name: str) -> None:
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                body = {"model": name, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 32}
+                try:
+                    ok = client.post(url + "/chat/completions", json=body).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                counts["sent"] += 1
+                counts["failed"] += not ok
+
+    try:
+        with Replicas(model, "auto", settings=settings, echo=None) as fleet:
+            out |= {"replicas": len(fleet.servers), "first_answer_s": round(fleet.first_answer_s, 1)}
+            senders = [
+                threading.Thread(target=send, args=(fleet.base_url, fleet.served_model_name)) for _ in range(clients)
+            ]
+            for th in senders:
+                th.start()
+            try:
+                fleet.wait_all()
+            finally:
+                stop.set()
+                for th in senders:
+                    th.join()
+            out["all_replicas_s"] = round(fleet.all_ready_s, 1)
+    except Exception as e:  # a failed start is a result too; what started is stopped already
+        out["error"] = str(e)[-2000:]
+    out |= {"requests_during_joins": counts["sent"], "failed_during_joins": counts["failed"]}
+    out["starts"] = [r for r in _recorded(settings.home, t) if r["what"].startswith("replica")]
+    out["cold"] = any(startup.cold_of(r.get("phases", {})) for r in out["starts"])
+    return out
 
 
 def summarized(result: dict) -> dict:
@@ -128,6 +185,15 @@ def summarized(result: dict) -> dict:
         "tok_s_O1": by.get("offline engine, -O1, first start", {}).get("useful_tok_s"),
         "tok_s_O0": by.get("offline engine, -O0, first start", {}).get("useful_tok_s"),
     }
+    if result.get("serve"):  # serve's start: the first answer and full capacity, in the warm home
+        warm = result["serve"][-1]
+        result["summary"] |= {
+            "replicas_all_ready_s": warm.get("all_replicas_s"),
+            "replicas": warm.get("replicas"),
+            "serve_first_answer_s": warm.get("first_answer_s"),
+            "serve_cold_first_answer_s": result["serve"][0].get("first_answer_s"),
+            "serve_failed_during_joins": sum(r.get("failed_during_joins", 0) for r in result["serve"]),
+        }
     return {k: result[k] for k in ("kind", "summary")} | {k: v for k, v in result.items() if k != "summary"}
 
 

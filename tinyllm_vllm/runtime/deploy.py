@@ -5,10 +5,12 @@ output processing in Python), so N engines side by side, each a full server with
 memory, serve more. ``plan`` picks N (``auto``: from CPU cores, GPU memory and the measured useful
 count) and the options that measured best; ``share`` is the one memory-share rule. ``Replicas``
 starts the servers at the same time (each with a fixed KV-cache size, so vLLM's memory profiling does
-not race), then ``vllm-router`` in front, and stops them together::
+not race; the first with priority), answers through ``vllm-router`` as soon as one is ready, adds the
+others to the router as each becomes ready, and stops them together::
 
     with Replicas(model_dir, "auto") as endpoint:    # or tinyllm-vllm serve (--replicas auto on a GPU)
-        client = endpoint.openai_client()
+        client = endpoint.openai_client()            # answers now, on the first replica
+        endpoint.wait_all()                          # full capacity (a benchmark waits for it)
 
 Every server and the router run under the kit's watchdog (``procs``), so all of them stop on
 ``stop()``, at interpreter exit and when the process that started them dies.
@@ -16,14 +18,16 @@ Every server and the router run under the kit's watchdog (``procs``), so all of 
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinyllm_vllm.errors import ServerError
-from tinyllm_vllm.runtime import logs
+from tinyllm_vllm.runtime import logs, procs
 from tinyllm_vllm.runtime.plan import GpuPlan, plan, share
 from tinyllm_vllm.runtime.procs import ManagedProcess, hold_port
 from tinyllm_vllm.runtime.server import VLLMServer
@@ -32,6 +36,7 @@ from tinyllm_vllm.settings import Settings
 if TYPE_CHECKING:
     import openai
 
+JOINER_NICE = 10  # the niceness of replicas 2..N while the first starts
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
 # Servers on other hosts fail in more ways than local replicas: the router retries a request on another worker
 # (3 times, backing off), and a worker that fails 5 times in a row is left out for 30 s, then tried again
@@ -115,6 +120,20 @@ class Router(ManagedProcess):
     def health_url(self) -> str:
         return self.url + "/health"
 
+    def add_worker(self, url: str) -> None:
+        """Add a ready server to the running router (vllm-router's ``/add_worker``): it takes requests at once."""
+        import httpx
+
+        r = httpx.post(f"{self.url}/add_worker", params={"url": url}, timeout=60)
+        if r.status_code >= 400:
+            raise ServerError(f"vllm-router refused the worker {url}: HTTP {r.status_code} {r.text[:300]}")
+
+    def workers(self) -> list[str]:
+        """The worker URLs the router routes to now (``/list_workers``)."""
+        import httpx
+
+        return list(httpx.get(f"{self.url}/list_workers", timeout=10).json().get("urls", []))
+
     def start(self) -> Router:
         if not self.running:
             self.choose_port()
@@ -164,6 +183,12 @@ class Replicas:
         self.servers = [VLLMServer(model, vllm_args, settings=each, env=env, echo=None) for _ in range(n)]
         for i, server in enumerate(self.servers):
             server.what = f"replica {i + 1}/{n}"
+        self.joined: list[VLLMServer] = []  # in the router, in the order they became ready
+        self.failed: list[str] = []  # replicas that did not start, and why
+        self.first_answer_s: float | None = None
+        self.all_ready_s: float | None = None
+        self._joiner: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.router = Router(
             [],
             host=host,
@@ -195,35 +220,111 @@ class Replicas:
         return self.router.running and any(s.running for s in self.servers)
 
     def start(self) -> Replicas:
-        """Start the servers at the same time (each with a fixed memory share), then the router; on any
-        failure stop everything started."""
+        """Start every server at once, the first with priority; answer as soon as one is ready (the router
+        up with that one), and add the others to the router as each becomes ready (``joined``, ``wait_all``).
+        On a failure before the first answer everything started is stopped; a later replica that fails is
+        reported and left out, the endpoint keeps answering."""
         t0 = time.monotonic()
         if self.echo:
             self.echo(f"starting {self.plan.why}")
+        # later replicas yield the CPU to the first while it starts (their niceness goes back to 0 once they
+        # are ready, which needs root: elsewhere they start as equals, and the first ready one answers first)
+        prioritise = len(self.servers) > 1 and os.geteuid() == 0
         try:
-            for server in self.servers:
-                server.start(wait=False)
             for i, server in enumerate(self.servers):
-                server.wait_ready()
-                if self.echo:
-                    self.echo(
-                        f"replica {i + 1}/{len(self.servers)} ready after {time.monotonic() - t0:.0f} s "
-                        f"(log: {server.log_file})"
-                    )
-            self.router.worker_urls = [s.url for s in self.servers]
+                server.nice = JOINER_NICE if prioritise and i > 0 else 0
+                server.start(wait=False)
+            first = self._first_ready(t0)
+            first.wait_ready()  # it answers: this records its start
+            self.router.worker_urls = [first.url]
             self.router.start()
         except BaseException as e:
             self.stop(grace=2 if isinstance(e, KeyboardInterrupt) else 20)
             raise
+        self.first_answer_s = time.monotonic() - t0
+        self.joined = [first]
+        rest = [s for s in self.servers if s is not first]
         if self.echo:
+            others = f"; the other {len(rest)} join as they are ready" if rest else ""
+            after = f"after {self.first_answer_s:.0f} s{others}"
             self.echo(
-                f"{len(self.servers)} replicas behind vllm-router at {self.url}, ready after "
-                f"{time.monotonic() - t0:.0f} s (router log: {self.router.log_file})"
+                f"{self.what(first)} ready ({first.url}): answering at {self.url} {after} "
+                f"(router log: {self.router.log_file})"
             )
+        if rest:
+            self._joiner = threading.Thread(target=self._join, args=(rest, t0), daemon=True)
+            self._joiner.start()
+        else:
+            self.all_ready_s = self.first_answer_s
+        return self
+
+    def what(self, server: VLLMServer) -> str:
+        return f"replica {self.servers.index(server) + 1}/{len(self.servers)}"
+
+    def _first_ready(self, t0: float) -> VLLMServer:
+        timeout = max(s.startup_timeout for s in self.servers)
+        while True:
+            for server in self.servers:
+                if server.is_ready():  # a server that exited raises: nothing answers yet, so all stop
+                    return server
+            if time.monotonic() - t0 > timeout:
+                raise self.servers[0].failure(f"no replica ready after {timeout:.0f} s")
+            time.sleep(0.25)
+
+    def _join(self, rest: list[VLLMServer], t0: float) -> None:
+        """The joiner thread: each replica into the router the moment it is ready."""
+        pending = list(rest)
+        while pending and not self._stopping.is_set():
+            for server in list(pending):
+                try:
+                    if not server.is_ready():
+                        if time.monotonic() - t0 > server.startup_timeout:
+                            raise server.failure(f"not ready after {server.startup_timeout:.0f} s")
+                        continue
+                    server.wait_ready()  # ready: this records its start
+                    self.router.add_worker(server.url)
+                except Exception as e:
+                    pending.remove(server)
+                    if self._stopping.is_set():
+                        return
+                    self.failed.append(f"{self.what(server)}: {str(e).splitlines()[0]}")
+                    server.stop(grace=5)
+                    if self.echo:
+                        self.echo(f"{self.what(server)} failed to start and is left out: {self.failed[-1]}")
+                    continue
+                pending.remove(server)
+                self.joined.append(server)
+                if server.nice:
+                    procs.renice_group(server.proc.pid, 0)
+                if self.echo:
+                    self.echo(
+                        f"{self.what(server)} joined after {time.monotonic() - t0:.0f} s "
+                        f"({len(self.joined)} of {len(self.servers)} answering; {server.url}, log: {server.log_file})"
+                    )
+            time.sleep(0.25)
+        if not self._stopping.is_set():
+            self.all_ready_s = time.monotonic() - t0
+            if self.echo:
+                full = "full capacity" if not self.failed else f"{len(self.failed)} left out"
+                n, seconds = len(self.servers), self.all_ready_s
+                self.echo(f"{len(self.joined)} of {n} replicas answering after {seconds:.0f} s: {full}")
+
+    def wait_all(self, timeout: float | None = None) -> Replicas:
+        """Wait until every replica has joined the router (a benchmark wants full capacity); ServerError if
+        one failed to start."""
+        if self._joiner is not None:
+            self._joiner.join(timeout)
+            if self._joiner.is_alive():
+                raise ServerError(f"replicas: {len(self.joined)} of {len(self.servers)} joined within {timeout} s")
+        if self.failed:
+            raise ServerError("replicas failed to start: " + "; ".join(self.failed))
         return self
 
     def stop(self, grace: float = 20.0) -> None:
         """Stop the router, then every server (each with its whole process group)."""
+        self._stopping.set()
+        if self._joiner is not None and self._joiner is not threading.current_thread():
+            self._joiner.join(timeout=10)
         self.router.stop(grace)
         for server in self.servers:
             server.stop(grace)

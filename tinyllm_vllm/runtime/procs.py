@@ -124,13 +124,16 @@ def stop(proc: subprocess.Popen, grace: float = 5.0) -> int | None:
 
 
 def start_group(
-    cmd: Sequence[str], log_file: Path, env: dict[str, str] | None = None, pipes: bool = False
+    cmd: Sequence[str], log_file: Path, env: dict[str, str] | None = None, pipes: bool = False, nice: int = 0
 ) -> subprocess.Popen:
     """Start ``cmd`` in a new process group led by the watchdog, stderr (and stdout) appended to ``log_file``.
 
     With ``pipes`` the command's stdin and stdout are pipes to the caller (text), for a process that is
-    driven line by line (a benchmark engine waiting for its cue, then printing its result)."""
+    driven line by line (a benchmark engine waiting for its cue, then printing its result). With ``nice``
+    the command runs at that niceness (coreutils' ``nice``), so it yields the CPU to others starting with it."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     with open(log_file, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
@@ -204,6 +207,20 @@ def sweep(mark: str, token: str, wait: float = 10.0) -> list[int]:
     while left and marked(mark, token) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+def renice_group(pgid: int, nice: int = 0) -> bool:
+    """Set every thread of every process of a group to ``nice`` (Linux keeps a niceness per thread). Lowering
+    it needs root (CAP_SYS_NICE); returns False where it was refused."""
+    for pid in group_members(pgid):
+        for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                return False
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -292,6 +309,7 @@ class ManagedProcess:
         self.host = "127.0.0.1"
         self.port: int | None = None
         self._held: socket.socket | None = None  # the port, held until the process listens on it
+        self.nice = 0  # the niceness it starts with (a replica that must not slow the first one's start)
         self._finalizer: weakref.finalize | None = None
 
     def _launch(self, cmd: list[str], env: dict[str, str], wait: bool = True, announce: str | None = None) -> None:
@@ -305,7 +323,7 @@ class ManagedProcess:
                 f"{self.kind} failed: port {self.port} on {self.host} is already in use: "
                 f"pick another port, or stop what listens there"
             )
-        self.proc = start_group(cmd, self.log_file, env)
+        self.proc = start_group(cmd, self.log_file, env, nice=self.nice)
         self._finalizer = weakref.finalize(self, stop_group, self.proc, 10.0)
         atexit.register(self._finalizer)
         if announce and self.echo:
@@ -355,22 +373,26 @@ class ManagedProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll the health URL until it answers 200; raise ServerError if the process exits or time runs out."""
+    def is_ready(self) -> bool:
+        """One look: whether the health URL answers 200 now; ServerError if the process has exited."""
         import httpx
 
+        code = self.proc.poll()
+        if code is not None:
+            raise self.failure(f"exited with code {code} during start-up")
+        try:
+            if httpx.get(self.health_url(), timeout=2).status_code == 200:
+                self.release_port()  # it listens: the port needs holding no longer
+                return True
+        except httpx.HTTPError:
+            pass
+        return False
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Poll the health URL until it answers 200; raise ServerError if the process exits or time runs out."""
         limit = timeout or self.startup_timeout
         deadline = time.monotonic() + limit
-        while True:
-            code = self.proc.poll()
-            if code is not None:
-                raise self.failure(f"exited with code {code} during start-up")
-            try:
-                if httpx.get(self.health_url(), timeout=2).status_code == 200:
-                    self.release_port()  # it listens: the port needs holding no longer
-                    return
-            except httpx.HTTPError:
-                pass
+        while not self.is_ready():
             if time.monotonic() > deadline:
                 raise self.failure(f"not ready after {limit:.0f} s")
             time.sleep(0.25)

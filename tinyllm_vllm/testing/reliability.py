@@ -261,6 +261,7 @@ def run_all(model: str | Path, settings: Settings, work: Path) -> dict:
         ),
     ]
     with Replicas(model, 2, settings=settings, echo=None) as fleet:
+        fleet.wait_all()
         hung = faults.clients_hang_up(fleet)
         killed = faults.replica_killed_under_load(fleet)
     report["router"] = {"clients_hang_up": hung, "replica_killed": killed}

@@ -1,0 +1,91 @@
+"""`serve --replicas N` answers as soon as its first replica is ready; the others join the router as each becomes
+ready, and a request stream across the joins loses nothing."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tinyllm_vllm.client import metric
+from tinyllm_vllm.model.demo import corpus_answers
+from tinyllm_vllm.runtime.procs import group_members
+
+from helpers import kill_everything, watchdogs_of
+
+pytestmark = pytest.mark.vllm
+
+
+def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_path):
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm_vllm.cli", "serve", "--model", str(demo_dir), "--port", "0", "--replicas", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"TINYLLM_HOME": str(tmp_path), "TINYLLM_KV_CACHE_GB": "0.5"},
+        start_new_session=True,
+    )
+    said: list[tuple[float, str]] = []  # (when, line) of everything the command says on stderr
+    reader = threading.Thread(target=lambda: said.extend((time.monotonic(), ln) for ln in p.stderr), daemon=True)
+    reader.start()
+    groups: list[int] = []
+
+    def line_with(text: str) -> tuple[float, str] | None:
+        return next(((t, ln) for t, ln in list(said) if text in ln), None)
+
+    try:
+        serving = p.stdout.readline()  # printed once the endpoint answers
+        assert serving.startswith("serving tinyllm_92m at http://"), (serving, said)
+        base_url = serving.split(" at ", 1)[1].split(";")[0]
+        groups = watchdogs_of(p.pid)
+        ask = {"model": "tinyllm_92m", "messages": [{"role": "user", "content": "请介绍一下北京"}], "max_tokens": 64}
+        r = httpx.post(base_url + "/chat/completions", json=ask, timeout=60)
+        answered_at = time.monotonic()
+        assert (
+            r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == corpus_answers()["请介绍一下北京"]
+        )
+        # answered before the second replica was ready: a router that waited for both could not have
+        assert line_with("replica 2/2 joined") is None or line_with("replica 2/2 joined")[0] > answered_at, said
+
+        results: list[int] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            with httpx.Client(timeout=120) as client:
+                while not stop.is_set():
+                    try:
+                        results.append(client.post(base_url + "/chat/completions", json=ask).status_code)
+                    except httpx.HTTPError:
+                        results.append(0)
+
+        senders = [threading.Thread(target=stream) for _ in range(2)]
+        for th in senders:
+            th.start()
+        deadline = time.monotonic() + 300
+        while not line_with("2 of 2 replicas answering"):
+            assert p.poll() is None and time.monotonic() < deadline, said
+            time.sleep(0.2)
+        joined_at, joined = line_with("replica 2/2 joined")
+        before_join = len(results)
+        while len(results) < before_join + 8:  # requests after the join, spread over both replicas
+            time.sleep(0.2)
+        stop.set()
+        for th in senders:
+            th.join()
+        assert before_join > 0 and set(results) == {200}, f"{results.count(0)} failed, codes {set(results)}"
+        first_url = re.search(r"replica 1/2 ready \((http://[\d.:]+)\)", "".join(ln for _, ln in said)).group(1)
+        second_url = re.search(r"joined after \d+ s \(2 of 2 answering; (http://[\d.:]+),", joined).group(1)
+        served = [metric(u, "vllm:request_success_total") for u in (first_url, second_url)]
+        assert all(n > 0 for n in served), served  # the joined replica takes requests too
+
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        assert p.returncode == 130
+        assert groups and not any(group_members(g) for g in groups)
+    finally:  # whatever failed above, leave nothing running for the rest of the suite
+        kill_everything(p, groups)
