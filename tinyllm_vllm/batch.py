@@ -66,7 +66,7 @@ class BatchJob:
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class WorkerSpec(procs.ChildSpec):
     """What one batch engine process does, written as JSON for ``python -m tinyllm_vllm.batch SPEC``."""
 
     model: str
@@ -77,14 +77,6 @@ class WorkerSpec:
     engine_options: dict[str, Any]
     job: dict[str, Any]
     status: str = ""  # where the engine says when it was ready and when it finished
-
-    def write(self, path: Path) -> Path:
-        path.write_text(json.dumps(asdict(self)))
-        return path
-
-    @classmethod
-    def read(cls, path: Path) -> WorkerSpec:
-        return cls(**json.loads(path.read_text()))
 
 
 def _plain(obj: Any) -> dict[str, Any]:

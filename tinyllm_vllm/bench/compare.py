@@ -54,7 +54,7 @@ def prepare_workload(model: str | Path, dist: wl.Distribution, out_dir: str | Pa
 
 def offline(
     model: str | Path,
-    dist: wl.Distribution,
+    dist: wl.Distribution | list[wl.Distribution],
     engines: list[str],
     engine_args: dict[str, Any],
     out_dir: str | Path,
@@ -67,33 +67,51 @@ def offline(
     hf_caches: tuple[str, ...] = ("dynamic",),
     settings: Settings | None = None,
     progress: Callable[[str], Any] = print,
-) -> dict:
-    """Time each engine on the workload, each in its own process. Returns the results dict."""
+) -> dict | list[dict]:
+    """Time each engine on the workload, each engine in its own process. Given a list of workloads, each engine
+    process starts once and times every workload in turn; one results dict per workload comes back."""
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise ValueError(f"unknown engine(s) {sorted(unknown)}; expected some of {ENGINES}")
-    path, description = prepare_workload(model, dist, out_dir)
+    dists = dist if isinstance(dist, list) else [dist]
+    prepared = [prepare_workload(model, d, out_dir) for d in dists]
+    paths = [str(path) for path, _ in prepared]
     spec = EngineSpec(
         str(model),
-        str(path),
+        paths[0],
         engine_args=engine_args,
         repeats=repeats,
         hf_batch_sizes=tuple(hf_batch_sizes),
         hf_caches=tuple(hf_caches),
+        also=tuple(paths[1:]),
     )
-    results = {}
+    per_workload: list[dict[str, dict]] = [{} for _ in dists]
     settings = settings or Settings.from_env()  # each vLLM engine's start is recorded in its home
     for engine in engines:
         one = replace(spec, engine=engine, as_vllm_bench=as_vllm_bench and engine == "plugin")
-        if engines_per_gpu > 1 and engine in ("plugin", "qwen2"):
-            results[engine] = run_engines_sharing_gpu(one, engines_per_gpu, settings)
+        if engines_per_gpu > 1 and engine in ("plugin", "qwen2"):  # engines side by side: one workload at a time
+            found = [
+                run_engines_sharing_gpu(replace(one, workload=p, also=()), engines_per_gpu, settings) for p in paths
+            ]
         else:
-            results[engine] = run_engine(one, timeout=timeout, home=settings.home)
-        r = results[engine]
-        if "useful_tok_s" in r:
-            progress(f"[bench] {engine}: {r['useful_tok_s']:,.0f} useful output tok/s, {r['requests_s']:.1f} req/s")
-        else:
-            progress(f"[bench] {engine}: failed: {r['error'].splitlines()[-1]}")
+            r = run_engine(one, timeout=timeout, home=settings.home)
+            found = [{k: v for k, v in r.items() if k != "also"}, *r.get("also", [])] if "error" not in r else [r]
+        for k in range(len(dists)):
+            r = found[k] if k < len(found) else found[0]  # a failed engine failed for every workload
+            per_workload[k][engine] = r
+            label = f"{engine}" if len(dists) == 1 else f"{engine}, {dists[k].name}"
+            if "useful_tok_s" in r:
+                progress(f"[bench] {label}: {r['useful_tok_s']:,.0f} useful output tok/s, {r['requests_s']:.1f} req/s")
+            else:
+                progress(f"[bench] {label}: failed: {r['error'].splitlines()[-1]}")
+    out = [
+        _offline_result(results, description, engine_args)
+        for results, (_, description) in zip(per_workload, prepared, strict=True)
+    ]
+    return out if isinstance(dist, list) else out[0]
+
+
+def _offline_result(results: dict[str, dict], description: dict, engine_args: dict[str, Any]) -> dict:
     useful = {e: r["useful_tok_s"] for e, r in results.items() if "useful_tok_s" in r}
     ratios = {f"plugin_vs_{e}": useful["plugin"] / v for e, v in useful.items() if e != "plugin" and "plugin" in useful}
     return {

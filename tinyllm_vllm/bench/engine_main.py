@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from tinyllm_vllm.bench.engines import EngineSpec, run_vllm, run_vllm_steady
 
@@ -21,16 +22,27 @@ def worker(spec: EngineSpec) -> dict:
 
         return run_transformers_steady(spec)
 
-    rows = read_jsonl(spec.workload)
-    if spec.shard:  # one of several engines sharing the GPU: every k-th request
-        i, k = spec.shard
-        rows = rows[i::k]
-    from tinyllm_vllm.bench.hf_engines import run_transformers_cb, run_transformers_static
+    from tinyllm_vllm.bench.engines import _start_llm
+    from tinyllm_vllm.bench.hf_engines import _hf_model, run_transformers_cb, run_transformers_static
 
-    run = {"transformers_static": run_transformers_static, "transformers_cb": run_transformers_cb}.get(
-        spec.engine, run_vllm
-    )
-    return run(spec, rows)
+    workloads = []
+    for path in (spec.workload, *spec.also):
+        rows = read_jsonl(path)
+        if spec.shard:  # one of several engines sharing the GPU: every k-th request
+            i, k = spec.shard
+            rows = rows[i::k]
+        workloads.append(rows)
+    # the engine starts once; every workload is timed on it
+    if spec.engine in ("transformers_static", "transformers_cb"):
+        run = run_transformers_static if spec.engine == "transformers_static" else run_transformers_cb
+        loaded = _hf_model(spec.model, spec.engine_args.get("dtype"))
+        results = [run(spec, rows, loaded) for rows in workloads]
+    else:
+        started = _start_llm(spec)
+        first = run_vllm(spec, workloads[0], started)
+        later = replace(spec, as_vllm_bench=False)  # vllm bench's calls are timed on the first workload only
+        results = [first] + [run_vllm(later, rows, started) for rows in workloads[1:]]
+    return results[0] | {"also": results[1:]} if spec.also else results[0]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ ENGINES = ("plugin", "qwen2", "transformers_static", "transformers_cb")
 
 
 @dataclass(frozen=True)
-class EngineSpec:
+class EngineSpec(procs.ChildSpec):
     """What one engine process runs: the typed form of every bench path's engine configuration."""
 
     model: str
@@ -46,20 +46,13 @@ class EngineSpec:
     as_vllm_bench: bool = False
     shard: tuple[int, int] | None = None  # (i, k): every k-th request from the i-th, for k engines on one GPU
     lockstep: bool = False
+    # more workloads timed in the same engine process after ``workload`` (one engine start for all of them);
+    # their results come back under the result's ``also``, in order
+    also: tuple[str, ...] = ()
     # steady state (``rule.Rule`` and a ``workload.ChatLike`` as dicts): timed runs fed from an endless request
     # stream until the rule holds, instead of one pass over ``workload``
     rule: dict[str, Any] | None = None
     stream: dict[str, Any] | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> EngineSpec:
-        d = json.loads(text)
-        for key in ("hf_batch_sizes", "hf_caches", "shard"):
-            d[key] = tuple(d[key]) if d[key] is not None else None
-        return cls(**d)
 
 
 VLLM_ENGINES = ("plugin", "qwen2")
@@ -133,11 +126,13 @@ def _start_llm(spec: EngineSpec) -> tuple[Any, float, float]:
     return llm, time.perf_counter() - t0, time.time()
 
 
-def run_vllm(spec: EngineSpec, rows: list[dict]) -> dict:
+def run_vllm(spec: EngineSpec, rows: list[dict], started: tuple[Any, float, float] | None = None) -> dict:
+    """One pass over ``rows`` (after a warm-up), ``spec.repeats`` times, on the engine ``started`` (``_start_llm``)
+    or on one started here."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm, start_s, ready_at = _start_llm(spec)
+    llm, start_s, ready_at = started or _start_llm(spec)
     useful = sum(r["output_tokens"] for r in rows)
     runs = []
 

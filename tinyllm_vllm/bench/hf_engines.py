@@ -45,11 +45,12 @@ def _static_batch(m: Any, prompts: list[list[int]], width: int, steps: int, cach
     return (out.shape[1] - width) * out.shape[0]
 
 
-def run_transformers_static(spec: EngineSpec, rows: list[dict]) -> dict:
-    """Left-padded static batches, each run until its longest request; the best batch size wins."""
+def run_transformers_static(spec: EngineSpec, rows: list[dict], loaded: tuple[Any, str, Any] | None = None) -> dict:
+    """Left-padded static batches, each run until its longest request; the best batch size wins. On the model
+    ``loaded`` (``_hf_model``) or on one loaded here."""
     import torch
 
-    m, device, sync = _hf_model(spec.model, spec.engine_args.get("dtype"))
+    m, device, sync = loaded or _hf_model(spec.model, spec.engine_args.get("dtype"))
     prompts = _tokenize(spec.model, rows)
     useful_all = sum(r["output_tokens"] for r in rows)
 
@@ -93,11 +94,11 @@ def run_transformers_static(spec: EngineSpec, rows: list[dict]) -> dict:
     }
 
 
-def run_transformers_cb(spec: EngineSpec, rows: list[dict]) -> dict:
+def run_transformers_cb(spec: EngineSpec, rows: list[dict], loaded: tuple[Any, str, Any] | None = None) -> dict:
     """transformers' continuous batching: requests join and leave the running batch as they finish."""
     from transformers import GenerationConfig
 
-    m, device, sync = _hf_model(spec.model, spec.engine_args.get("dtype"))
+    m, device, sync = loaded or _hf_model(spec.model, spec.engine_args.get("dtype"))
     if not hasattr(m, "continuous_batching_context_manager"):
         import transformers
 

@@ -292,6 +292,41 @@ def watch(parent: int, cmd: list[str]) -> int:
         time.sleep(POLL_S)
 
 
+# --- what a child process is told ---------------------------------------------------------------------------
+
+
+class ChildSpec:
+    """The one form in which the kit tells a child process what to do: a dataclass written as JSON (on stdin or
+    as a file) and read back as the same typed object (``EngineSpec`` of a benchmark engine, ``WorkerSpec``
+    of a batch engine). Paths travel as strings, tuples as lists (read back as tuples)."""
+
+    def to_json(self) -> str:
+        import dataclasses
+        import json
+
+        plain = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return json.dumps(plain)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        import dataclasses
+        import json
+
+        d = json.loads(text)
+        for f in dataclasses.fields(cls):
+            if "tuple" in str(f.type) and isinstance(d.get(f.name), list):
+                d[f.name] = tuple(d[f.name])
+        return cls(**d)
+
+    def write(self, path: Path) -> Path:
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        return cls.from_json(Path(path).read_text())
+
+
 # --- the handle on a started service -------------------------------------------------------------------
 
 

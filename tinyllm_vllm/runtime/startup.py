@@ -21,37 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-NUM = r"([\d.]+)"
-# (phase, pattern in vLLM's log, what the learner reads); the first match of each phase is echoed
-PHASES = [
-    ("weights", rf"(?:Model loading took .*? and|Loading weights took) {NUM} s", "weights loaded in {0} s"),
-    (
-        "compile",
-        r"Dynamo bytecode transform time|Compiling a graph for dynamic shape",
-        "compiling the model once; later starts of this configuration reuse the cache",
-    ),
-    ("compile_cached", rf"Directly load the compiled graph.*?took {NUM} s", "compiled model loaded from the cache"),
-    ("compile_total", rf"torch\.compile takes {NUM} s in total", "torch.compile done in {0} s"),
-    ("cuda_graphs", rf"Graph capturing finished in {NUM} sec", "CUDA graphs captured in {0} s"),
-    ("engine_init", rf"init engine \(profile, create kv cache, warmup model\) took {NUM} sec", "engine ready"),
-    ("api_server", r"Starting vLLM API server|Application startup complete", "API server starting"),
-]
-LOG_TIME = re.compile(r"(\d\d-\d\d \d\d:\d\d:\d\d)")
-# The start as a timeline: each segment ends at the first log line matching its pattern (vLLM stamps every
-# line to the second), so the segments add up to the whole wait, the parts vLLM does not time included.
-TIMELINE = [
-    ("process_s", r"Initializing a V1 LLM engine"),  # Python, vLLM imports, config; the API server's too
-    (
-        "cuda_init_s",
-        r"Starting to load model|Loading model from scratch",
-    ),  # the worker process, CUDA context, torch.distributed
-    ("weights_s", r"Model loading took|Loading weights took"),
-    ("compile_s", r"torch\.compile takes|Directly load the compiled graph|Available KV cache memory"),
-    ("memory_kv_s", r"GPU KV cache size|CPU KV cache size|Available KV cache memory"),
-    ("cuda_graphs_s", r"Graph capturing finished|init engine \(profile"),
-    ("warmup_s", r"init engine \(profile"),
-    ("api_server_s", r"Application startup complete"),
-]
+from tinyllm_vllm.runtime.logs import LOG_TIME, PHASES, TIMELINE
 
 
 def cache_env(home: Path) -> dict[str, str]:
