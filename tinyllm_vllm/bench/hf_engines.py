@@ -129,8 +129,19 @@ def run_transformers_cb(spec: EngineSpec, rows: list[dict], loaded: tuple[Any, s
         return generated
 
     useful = sum(r["output_tokens"] for r in rows)
+    # the paged cache sized to the workload (every request at once): left to itself, transformers takes 90% of
+    # the free memory, which on a CPU is the machine's RAM, and several processes of a run then exhaust it
+    page = 256
+    blocks = sum(-(-(len(p) + r["output_tokens"]) // page) for p, r in zip(prompts, rows, strict=True))
+    kw: dict[str, Any] = {}
+    try:
+        from transformers import ContinuousBatchingConfig
+
+        kw["continuous_batching_config"] = ContinuousBatchingConfig(page_size=page, num_blocks=blocks + 8)
+    except ImportError:  # older transformers: its own sizing
+        pass
     # no inference_mode here: the manager's own thread updates its tensors in place
-    with m.continuous_batching_context_manager(generation_config=config, block=True, timeout=30) as manager:
+    with m.continuous_batching_context_manager(generation_config=config, block=True, timeout=30, **kw) as manager:
         run(manager, min(8, len(rows)), "warm-up")
         result = _timed("continuous batching", lambda: run(manager, len(rows), "r"), useful, len(rows), sync)
     return {

@@ -227,8 +227,8 @@ class Replicas:
         t0 = time.monotonic()
         if self.echo:
             self.echo(f"starting {self.plan.why}")
-        # later replicas yield the CPU to the first while it starts (their niceness goes back to 0 once they
-        # are ready, which needs root: elsewhere they start as equals, and the first ready one answers first)
+        # later replicas yield the CPU to the first while it starts (their niceness goes back to 0 as soon as it
+        # answers, which needs root: elsewhere they start as equals, and the first ready one answers first)
         prioritise = len(self.servers) > 1 and os.geteuid() == 0
         try:
             for i, server in enumerate(self.servers):
@@ -236,6 +236,9 @@ class Replicas:
                 server.start(wait=False)
             first = self._first_ready(t0)
             first.wait_ready()  # it answers: this records its start
+            for server in self.servers:  # the first is up: the others get the CPU back (or load would starve them)
+                if server.nice:
+                    procs.renice_group(server.proc.pid, 0)
             self.router.worker_urls = [first.url]
             self.router.start()
         except BaseException as e:
@@ -294,8 +297,6 @@ class Replicas:
                     continue
                 pending.remove(server)
                 self.joined.append(server)
-                if server.nice:
-                    procs.renice_group(server.proc.pid, 0)
                 if self.echo:
                     self.echo(
                         f"{self.what(server)} joined after {time.monotonic() - t0:.0f} s "
