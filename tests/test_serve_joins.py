@@ -34,6 +34,7 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
     reader = threading.Thread(target=lambda: said.extend((time.monotonic(), ln) for ln in p.stderr), daemon=True)
     reader.start()
     groups: list[int] = []
+    stop = threading.Event()  # ends the request stream, also when an assertion fails
 
     def line_with(text: str) -> tuple[float, str] | None:
         return next(((t, ln) for t, ln in list(said) if text in ln), None)
@@ -53,7 +54,6 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
         assert line_with("replica 2/2 joined") is None or line_with("replica 2/2 joined")[0] > answered_at, said
 
         results: list[int] = []
-        stop = threading.Event()
 
         def stream() -> None:
             with httpx.Client(timeout=120) as client:
@@ -63,7 +63,7 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
                     except httpx.HTTPError:
                         results.append(0)
 
-        senders = [threading.Thread(target=stream) for _ in range(2)]
+        senders = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
         for th in senders:
             th.start()
         deadline = time.monotonic() + 300
@@ -88,4 +88,5 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
         assert p.returncode == 130
         assert groups and not any(group_members(g) for g in groups)
     finally:  # whatever failed above, leave nothing running for the rest of the suite
+        stop.set()
         kill_everything(p, groups)
