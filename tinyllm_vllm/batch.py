@@ -203,7 +203,7 @@ def _timing(statuses: list[dict]) -> dict:
     """From the engines' status files: the generating span (first engine ready to last row), and the steady
     rate by the benchmarks' measurement rule (``bench.rule.steady``: tokens made while the rows in flight were
     at least 90% of what the engines run at once together, each row's tokens spread over its time in flight)."""
-    from tinyllm_vllm.bench.rule import steady
+    from tinyllm_vllm.rule import steady
 
     first, last = min(s["ready_at"] for s in statuses), max(s["finished_at"] for s in statuses)
     tokens = sum(s["output_tokens"] for s in statuses)

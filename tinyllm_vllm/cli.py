@@ -81,15 +81,13 @@ def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
 
 
 def _port(a: argparse.Namespace) -> int | None:
-    """--port, or vllm serve's 8000 when it is free; else a free port, said in one line."""
-    from tinyllm_vllm.runtime.procs import DEFAULT_PORT, port_is_free
+    """``procs.serve_port`` for --port, said in one line when vllm serve's 8000 is taken."""
+    from tinyllm_vllm.runtime.procs import DEFAULT_PORT, serve_port
 
-    if a.port is not None:
-        return a.port or None  # 0: any free port
-    if port_is_free(a.host, DEFAULT_PORT):
-        return DEFAULT_PORT
-    say(f"port {DEFAULT_PORT} is taken: serving on a free port instead (--port sets one)")
-    return None
+    port = serve_port(a.host, a.port)
+    if a.port is None and port is None:
+        say(f"port {DEFAULT_PORT} is taken: serving on a free port instead (--port sets one)")
+    return port
 
 
 def _deployment(a: argparse.Namespace, s: Settings, model: Path, replicas: str = "1") -> Any:

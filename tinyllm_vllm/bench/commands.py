@@ -123,7 +123,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     engine_args = s.engine_options() | a.engine_args
     if a.what == "one-gpu":
         from tinyllm_vllm.bench.onegpu import one_gpu
-        from tinyllm_vllm.bench.rule import Rule
+        from tinyllm_vllm.rule import Rule
 
         def save(partial: dict) -> None:  # a long run keeps what it measured so far
             if a.json:
@@ -158,7 +158,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         result = starts(model, s, out_dir / "starts-work", a.requests)
     elif a.what == "ray":
         from tinyllm_vllm.bench.ray_serve import ray_vs_router
-        from tinyllm_vllm.bench.rule import Rule
+        from tinyllm_vllm.rule import Rule
 
         rule = Rule(a.min_seconds, a.min_factor, a.repeats or 3)
         result = ray_vs_router(model, s, out_dir / "ray-work", rule, distribution(a), a.serve_requests, tuple(a.levels))

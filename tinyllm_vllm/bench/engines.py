@@ -184,7 +184,7 @@ def run_vllm_steady(spec: EngineSpec) -> dict:
     from vllm.inputs import TokensPrompt
 
     from tinyllm_vllm.bench.gpubusy import GpuBusy
-    from tinyllm_vllm.bench.rule import Rule, steady
+    from tinyllm_vllm.rule import Rule, steady
     from tinyllm_vllm.runtime import feed
 
     llm, start_s, ready_at = _start_llm(spec)

@@ -165,7 +165,7 @@ def run_transformers_steady(spec: EngineSpec) -> dict:
     import tinyllm_vllm.model.config  # noqa: F401  (registers model_type tinyllm)
     from tinyllm_vllm.bench.engines import _stream
     from tinyllm_vllm.bench.gpubusy import GpuBusy
-    from tinyllm_vllm.bench.rule import Rule, steady
+    from tinyllm_vllm.rule import Rule, steady
 
     m, device, sync = _hf_model(spec.model, spec.engine_args.get("dtype"))
     tok = AutoTokenizer.from_pretrained(spec.model)

@@ -166,7 +166,7 @@ def summarize(results: list[dict], concurrency: int) -> dict:
         "client_cpu_share_max": max(res["cpu_share"] for res in results),
         "client_cpu_share_mean": statistics.fmean(res["cpu_share"] for res in results),
     }
-    from tinyllm_vllm.bench.rule import steady
+    from tinyllm_vllm.rule import steady
 
     rate = steady(
         [{"sent": r["sent"], "first": r["first"], "end": r["end"], "tokens": r["tokens"]} for r in ok], concurrency

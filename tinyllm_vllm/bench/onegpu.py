@@ -29,9 +29,9 @@ from typing import Any
 from tinyllm_vllm.bench import load
 from tinyllm_vllm.bench.compare import machine
 from tinyllm_vllm.bench.engines import EngineSpec, run_engine
-from tinyllm_vllm.bench.rule import Rule, headline, median_spread
 from tinyllm_vllm.bench.sharing import combined_steady, run_engines_sharing_gpu
 from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
+from tinyllm_vllm.rule import Rule, headline, median_spread
 from tinyllm_vllm.runtime.plan import plan
 from tinyllm_vllm.settings import Settings
 

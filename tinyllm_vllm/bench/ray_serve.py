@@ -26,8 +26,8 @@ from typing import Any
 from tinyllm_vllm.bench import load
 from tinyllm_vllm.bench.compare import machine
 from tinyllm_vllm.bench.onegpu import best_level, serve_levels
-from tinyllm_vllm.bench.rule import Rule
 from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
+from tinyllm_vllm.rule import Rule
 from tinyllm_vllm.runtime import procs
 from tinyllm_vllm.runtime.cluster import MARK, RayServe
 from tinyllm_vllm.runtime.deploy import Replicas

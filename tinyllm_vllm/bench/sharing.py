@@ -39,7 +39,7 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
         launched = time.time()
         for i, log in enumerate(log_files):
             started.append(engines.start_lockstep(replace(spec, engine_args=args, shard=(i, k)), log))
-        from tinyllm_vllm.bench.rule import Rule
+        from tinyllm_vllm.rule import Rule
 
         repeats = Rule(**spec.rule).repeats if spec.rule else spec.repeats
         for _ in range(repeats):
@@ -88,7 +88,7 @@ def run_engines_sharing_gpu(spec: EngineSpec, k: int, settings: Settings) -> dic
 def combined_steady(results: list[dict], rule: dict) -> dict:
     """Engines timed together by the rule (``engines.run_vllm_steady``): each repeat's request records of all
     engines as one run, in flight against the sum of their ``max_num_seqs``."""
-    from tinyllm_vllm.bench.rule import Rule, headline, steady
+    from tinyllm_vllm.rule import Rule, headline, steady
 
     r = Rule(**rule)
     target = sum(x["max_num_seqs"] for x in results)

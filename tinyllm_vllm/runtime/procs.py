@@ -63,6 +63,14 @@ def hold_port(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return s
 
 
+def serve_port(host: str, asked: int | None) -> int | None:
+    """The port a server is started on: the one asked for (0: any), else vllm serve's 8000 when it is free, else
+    None (``ManagedProcess.choose_port`` then holds one the OS picks)."""
+    if asked is not None:
+        return asked or None
+    return DEFAULT_PORT if port_is_free(host, DEFAULT_PORT) else None
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -1,4 +1,4 @@
-"""The measurement rule every throughput in the kit's benchmarks follows, in one place.
+"""The measurement rule every throughput the kit reports follows (the benchmarks and the batch), in one place.
 
 A throughput is a steady state, not one wave of requests whose longest replies set the clock:
 
