@@ -110,3 +110,18 @@ def test_serve_auto_plans_once_reads_nvidia_smi_once_and_keeps_the_reason(tmp_pa
         assert len(calls.read_text().splitlines()) == 1  # the plan and the 4 memory shares: one read
     finally:
         gpus.cache_clear()
+
+
+def test_engines_on_a_cpu_get_cores_of_their_own(monkeypatch):
+    """vLLM's own binding puts every engine of a 2-core machine on core 0; the kit splits the cores instead,
+    and leaves one engine, a GPU and a binding the user set to vLLM."""
+    from tinyllm_vllm.runtime.plan import BIND, cores_env
+
+    cpu = Settings(device="cpu")
+    monkeypatch.delenv(BIND, raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert [cores_env(cpu, k, 2)[BIND] for k in range(2)] == ["0,1,2", "3,4"]
+    assert [cores_env(cpu, k, 7)[BIND] for k in range(7)] == ["0", "1", "2", "3", "4", "0", "1"]
+    assert cores_env(cpu, 0, 1) == {} and cores_env(Settings(device="cuda"), 1, 2) == {}
+    monkeypatch.setenv(BIND, "nobind")
+    assert cores_env(cpu, 1, 2) == {}

@@ -1,9 +1,16 @@
 """Two replicas of the demo model behind vllm-router: one endpoint, faults through the router, clean stop."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
 import httpx
 import pytest
 
-from tinyllm_vllm.client import delta_text, http_stream, metric
+from tinyllm_vllm.client import delta_text, http_stream, metric, openai_client
 from tinyllm_vllm.model.demo import corpus_answers
 from tinyllm_vllm.runtime.deploy import Replicas, Router
 from tinyllm_vllm.runtime.procs import group_members
@@ -48,6 +55,39 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
     assert streamed == answer
     served = [metric(s, "vllm:request_success_total") for s in fleet.servers]
     assert all(n > 0 for n in served), served
+
+
+def test_route_over_two_servers_as_separate_hosts(fleet, tmp_path):
+    """`tinyllm-vllm route` over the replicas' two servers, addressed as two hosts: one endpoint, both answer."""
+    first, second = fleet.servers
+    # two names for this machine stand in for two hosts
+    workers = [f"http://127.0.0.1:{first.port}", f"http://localhost:{second.port}"]
+    env = os.environ | {"TINYLLM_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "tinyllm_vllm.cli", "route", "--workers", *workers, "--port", "0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        url = re.search(r"routing at (http://\S+/v1) over 2 workers", line)[1]
+        before = [metric(s, "vllm:request_success_total") for s in (first, second)]
+        client = openai_client(url)
+        for _ in range(4):  # round robin: both workers answer
+            chat = client.chat.completions.create(
+                model="tinyllm_92m", messages=[{"role": "user", "content": "你好"}], max_tokens=32, temperature=0
+            )
+            assert chat.choices[0].message.content == corpus_answers()["你好"]
+        after = [metric(s, "vllm:request_success_total") for s in (first, second)]
+        assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "interrupted: stopped vllm-router" in err, err
+        assert time.monotonic() - t < 15
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/models", timeout=5)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def test_a_second_router_on_the_same_machine(fleet, tmp_path):

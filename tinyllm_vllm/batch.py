@@ -9,8 +9,8 @@ own sampling fields (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``se
 (``{"custom_id": ..., "body": {"messages": [...], "max_tokens": ...}}``) is read as its body. Other keys
 (an ``id``, ``custom_id``) are copied to the output.
 
-The rows to do are dealt to N engine processes (``plan.share``: 1/N of the memory each, started
-together; N comes from the plan alone). Each engine is kept full (``feed.keep_full``): a row goes in as
+The rows to do are dealt to N engine processes (``plan.share``: 1/N of the memory each; on a CPU, cores
+of their own, ``plan.cores_env``), started together; N comes from the plan alone. Each engine is kept full (``feed.keep_full``): a row goes in as
 soon as another finishes, and every finished row is appended to the engine's part file at once, flushed,
 and synced to disk at least once a second, so an interruption (Ctrl-C, a killed job) loses only rows in
 flight. Running the same command again skips every row already written, and the last step writes
@@ -79,10 +79,6 @@ class WorkerSpec(procs.ChildSpec):
     status: str = ""  # where the engine says when it was ready and when it finished
 
 
-def _plain(obj: Any) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(obj).items()}
-
-
 def read_rows(path: Path) -> list[dict]:
     """The input rows, each brought to ``prompt`` or ``messages`` plus its fields; a malformed line or field is
     named by its line number."""
@@ -132,7 +128,7 @@ def done_indices(job: BatchJob) -> dict[int, dict]:
 def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[str], Any] = print) -> dict:
     """Generate every input row not yet done with N engines; write the output in input order. Returns what
     ran: rows, engines, output tokens, and seconds in all and while the engines generated."""
-    from tinyllm_vllm.runtime.plan import plan, share
+    from tinyllm_vllm.runtime.plan import cores_env, plan, share
 
     if job.output is None:
         raise TinyllmError("--input needs --output FILE (results, in input order)")
@@ -158,15 +154,16 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
                     input=str(job.input),
                     indices=todo[k::n],
                     out=str(job.parts / f"part-{os.getpid()}-{k}.jsonl"),
-                    settings=_plain(each),
+                    settings=asdict(each),
                     engine_options=gpu.engine_options,
-                    job=_plain(job),
+                    job=asdict(job),
                     status=str(job.parts / f"status-{os.getpid()}-{k}.json"),
                 )
                 spec_file = spec.write(job.parts / f"spec-{os.getpid()}-{k}.json")
                 log = logs.new_log_file(settings.logs, f"batch-engine-{k}")
                 cmd = [sys.executable, "-m", "tinyllm_vllm.batch", str(spec_file)]
-                workers.append((procs.start_group(cmd, log, logs.own_logging_env()), log, Path(spec.status)))
+                env = logs.own_logging_env() | cores_env(settings, k, n)  # on a CPU, each engine on cores of its own
+                workers.append((procs.start_group(cmd, log, env), log, Path(spec.status)))
             _follow(job, workers, len(done), len(rows), echo)
         except BaseException:
             for proc, _, _ in workers:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinyllm_vllm.errors import ServerError
 from tinyllm_vllm.runtime import logs, procs
-from tinyllm_vllm.runtime.plan import GpuPlan, plan, share
+from tinyllm_vllm.runtime.plan import GpuPlan, cores_env, plan, share
 from tinyllm_vllm.runtime.procs import ManagedProcess, hold_port
 from tinyllm_vllm.runtime.server import VLLMServer
 from tinyllm_vllm.settings import Settings
@@ -180,7 +180,10 @@ class Replicas:
         if settings.device == "cuda" and backend and not _has_flag(vllm_args, "--distributed-executor-backend"):
             vllm_args = ["--distributed-executor-backend", backend, *vllm_args]
         # the servers say nothing themselves: one line a replica is enough for N of them
-        self.servers = [VLLMServer(model, vllm_args, settings=each, env=env, echo=None) for _ in range(n)]
+        self.servers = [
+            VLLMServer(model, vllm_args, settings=each, env=(env or {}) | cores_env(settings, i, n), echo=None)
+            for i in range(n)
+        ]
         for i, server in enumerate(self.servers):
             server.what = f"replica {i + 1}/{n}"
         self.joined: list[VLLMServer] = []  # in the router, in the order they became ready
@@ -251,7 +254,7 @@ class Replicas:
             others = f"; the other {len(rest)} join as they are ready" if rest else ""
             after = f"after {self.first_answer_s:.0f} s{others}"
             self.echo(
-                f"{self.what(first)} ready ({first.url}): answering at {self.url} {after} "
+                f"{first.what} ready ({first.url}): answering at {self.url} {after} "
                 f"(router log: {self.router.log_file})"
             )
         if rest:
@@ -260,9 +263,6 @@ class Replicas:
         else:
             self.all_ready_s = self.first_answer_s
         return self
-
-    def what(self, server: VLLMServer) -> str:
-        return f"replica {self.servers.index(server) + 1}/{len(self.servers)}"
 
     def _first_ready(self, t0: float) -> VLLMServer:
         timeout = max(s.startup_timeout for s in self.servers)
@@ -290,16 +290,16 @@ class Replicas:
                     pending.remove(server)
                     if self._stopping.is_set():
                         return
-                    self.failed.append(f"{self.what(server)}: {str(e).splitlines()[0]}")
+                    self.failed.append(f"{server.what}: {str(e).splitlines()[0]}")
                     server.stop(grace=5)
                     if self.echo:
-                        self.echo(f"{self.what(server)} failed to start and is left out: {self.failed[-1]}")
+                        self.echo(f"{server.what} failed to start and is left out: {self.failed[-1]}")
                     continue
                 pending.remove(server)
                 self.joined.append(server)
                 if self.echo:
                     self.echo(
-                        f"{self.what(server)} joined after {time.monotonic() - t0:.0f} s "
+                        f"{server.what} joined after {time.monotonic() - t0:.0f} s "
                         f"({len(self.joined)} of {len(self.servers)} answering; {server.url}, log: {server.log_file})"
                     )
             time.sleep(0.25)

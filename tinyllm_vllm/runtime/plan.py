@@ -1,4 +1,5 @@
-"""How many engines share one GPU, with which options (``plan``), and the one memory-share rule (``share``).
+"""How many engines share one GPU, with which options (``plan``), the one memory-share rule (``share``), and
+on a CPU which cores each of several engines runs on (``cores_env``).
 
 ``tinyllm-vllm serve`` (``--replicas auto`` on a GPU), ``generate --input`` and ``bench one-gpu`` all use it.
 """
@@ -92,3 +93,26 @@ def share(settings: Settings, n: int) -> Settings:
     memory = gpu_memory_gib()
     kv = memory * settings.gpu_util / n / 2 if memory else None  # half of each share for the KV cache
     return settings.replace(gpu_util=settings.gpu_util / n, gpu_kv_cache_gb=kv)
+
+
+BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
+def cores_env(settings: Settings, k: int, n: int) -> dict[str, str]:
+    """The CPU cores engine ``k`` of ``n`` binds its threads to, as vLLM's ``VLLM_CPU_OMP_THREADS_BIND``.
+
+    vLLM's own binding (``auto``) sees only its own engine: on 2 cores every engine binds to core 0 and keeps
+    core 1 for its front end, so n engines the kit starts side by side would all run on core 0 (measured: a
+    second replica took minutes to start while the first served). The machine's cores are split into n
+    groups instead (engines share cores round robin when there are more engines than cores). One engine, a
+    GPU, or a binding set by the user: vLLM decides, as without the kit."""
+    if n == 1 or settings.device != "cpu" or os.environ.get(BIND):
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if n >= len(cores):
+        group = [cores[k % len(cores)]]
+    else:
+        size, extra = divmod(len(cores), n)
+        start = k * size + min(k, extra)
+        group = cores[start : start + size + (k < extra)]
+    return {BIND: ",".join(map(str, group))}

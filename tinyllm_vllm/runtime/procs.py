@@ -306,14 +306,13 @@ def watch(parent: int, cmd: list[str]) -> int:
 class ChildSpec:
     """The one form in which the kit tells a child process what to do: a dataclass written as JSON (on stdin or
     as a file) and read back as the same typed object (``EngineSpec`` of a benchmark engine, ``WorkerSpec``
-    of a batch engine). Paths travel as strings, tuples as lists (read back as tuples)."""
+    of a batch engine). Paths travel as strings (nested ones too), tuples as lists (read back as tuples)."""
 
     def to_json(self) -> str:
         import dataclasses
         import json
 
-        plain = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-        return json.dumps(plain)
+        return json.dumps(dataclasses.asdict(self), default=_path_as_text)
 
     @classmethod
     def from_json(cls, text: str) -> Self:
@@ -333,6 +332,12 @@ class ChildSpec:
     @classmethod
     def read(cls, path: Path) -> Self:
         return cls.from_json(Path(path).read_text())
+
+
+def _path_as_text(obj: Any) -> str:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} cannot travel to a child process as JSON")
 
 
 # --- the handle on a started service -------------------------------------------------------------------
