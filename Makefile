@@ -9,6 +9,9 @@ EXTRAS ?= $(STACK),dev
 # Where pip finds CPU torch when it is not already findable (PyPI has no +cpu builds).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# the suite runs on 2 pytest-xdist workers, each test file on one, each worker on cores of its own (see
+# tests/conftest.py); on a GPU one at a time, since engines of two tests would share the card's memory
+TEST_WORKERS ?= $(if $(filter cuda,$(STACK)),0,2)
 LAB_ARGS ?=
 
 .PHONY: install test test-fast lint reliability demo lab notebooks clean
@@ -33,7 +36,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	TINYLLM_MODEL=demo $(PY) -m pytest $(PYTEST_ARGS)
+	TINYLLM_MODEL=demo $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the edit-test loop: every test that starts no vLLM engine and takes no seconds of its own (CI runs `test`)
 test-fast: install

@@ -88,3 +88,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         reasons[str(report.longrepr[2]).removeprefix("Skipped: ") if isinstance(report.longrepr, tuple) else "?"] += 1
     for reason, n in reasons.most_common():
         terminalreporter.write_line(f"skipped {n} test{'s' if n > 1 else ''}: {reason}")
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker and everything it starts runs on cores of its own: vLLM binds an engine's
+    threads to cores it picks from what it may use, and two engines on one core slow each other many times over."""
+    import os
+
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and count:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: int(count)] or cores)

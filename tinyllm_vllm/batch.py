@@ -10,11 +10,11 @@ own sampling fields (``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``se
 (an ``id``, ``custom_id``) are copied to the output.
 
 The rows to do are dealt to N engine processes (``plan.share``: 1/N of the memory each; on a CPU, cores
-of their own, ``plan.cores_env``), started together; N comes from the plan alone. Each engine is kept full (``feed.keep_full``): a row goes in as
-soon as another finishes, and every finished row is appended to the engine's part file at once, flushed,
-and synced to disk at least once a second, so an interruption (Ctrl-C, a killed job) loses only rows in
-flight. Running the same command again skips every row already written, and the last step writes
-``--output`` in input order.
+of their own, ``plan.cores_env``), started together; N comes from the plan alone. Each engine is kept
+full (``feed.keep_full``): a row goes in as soon as another finishes, and every finished row is appended
+to the engine's part file at once, flushed, and synced to disk at least once a second, so an interruption
+(Ctrl-C, a killed job) loses only rows in flight. Running the same command again skips every row already
+written, and the last step writes ``--output`` in input order.
 """
 
 from __future__ import annotations
