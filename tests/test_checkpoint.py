@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,30 @@ def test_a_mistyped_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     with pytest.raises(CheckpointError, match="models/tinyllm: no such directory"):
         ensure_model("models/tinyllm", tmp_path / "home")
+
+
+@pytest.mark.slow
+def test_preparing_waits_for_another_process_on_the_same_directory(tmp_path):
+    """Two notebooks (or commands) started together in a fresh kit home both build and prepare the demo model:
+    each takes the directory's lock, so the second waits and then finds the first one's result instead of
+    colliding with its half-made copy. Here the test holds the lock while a command wants the directory."""
+    from tinyllm_vllm.model.checkpoint import exclusive
+
+    home = tmp_path / "home"
+    code = (
+        "import sys\n"
+        "from tinyllm_vllm.model.sources import ensure_model\n"
+        "print('imported', flush=True)\n"
+        "print(ensure_model('demo', sys.argv[1])[0], flush=True)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=subprocess.PIPE, text=True)
+    try:
+        with exclusive(home / "demo-src"):
+            assert p.stdout.readline() == "imported\n"
+            time.sleep(2)
+            assert p.poll() is None and not (home / "demo").exists()  # it waits for the lock
+        assert p.stdout.readline().strip() == str(home / "demo") and p.wait(timeout=60) == 0
+    finally:
+        p.kill()
+        p.wait()
+    assert is_prepared(home / "demo")

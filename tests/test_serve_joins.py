@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +22,15 @@ from helpers import kill_everything, watchdogs_of
 pytestmark = pytest.mark.vllm
 
 
+def _port_of(watchdog: int) -> str:
+    args = Path(f"/proc/{watchdog}/cmdline").read_text().split("\0")
+    return args[args.index("--port") + 1]
+
+
 def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_path):
+    """One replica is held back (SIGSTOP on its process group, as a slow start would): the endpoint answers on
+    the other, which a router waiting for both could not; a request stream runs while the held one is let go
+    and joins; every request is answered, the joined replica serves too, and Ctrl-C leaves nothing."""
     p = subprocess.Popen(
         [sys.executable, "-m", "tinyllm_vllm.cli", "serve", "--model", str(demo_dir), "--port", "0", "--replicas", "2"],
         stdout=subprocess.PIPE,
@@ -29,33 +38,47 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
         text=True,
         env=os.environ | {"TINYLLM_HOME": str(tmp_path), "TINYLLM_KV_CACHE_GB": "0.5"},
         start_new_session=True,
+        # the machine's cores, as a user's command has them (the suite may have kept this worker to one): the
+        # command gives each replica cores of its own
+        preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1)),
     )
-    said: list[tuple[float, str]] = []  # (when, line) of everything the command says on stderr
-    reader = threading.Thread(target=lambda: said.extend((time.monotonic(), ln) for ln in p.stderr), daemon=True)
+    said: list[str] = []  # everything the command says on stderr
+    reader = threading.Thread(target=lambda: said.extend(p.stderr), daemon=True)
     reader.start()
     groups: list[int] = []
+    held: int | None = None
     stop = threading.Event()  # ends the request stream, also when an assertion fails
 
-    def line_with(text: str) -> tuple[float, str] | None:
-        return next(((t, ln) for t, ln in list(said) if text in ln), None)
+    def line_with(text: str) -> str | None:
+        return next((ln for ln in list(said) if text in ln), None)
 
     try:
-        serving = p.stdout.readline()  # printed once the endpoint answers
+        deadline = time.monotonic() + 60
+        while len(groups := watchdogs_of(p.pid)) < 2:  # both replicas are started at once, before the router
+            assert p.poll() is None and time.monotonic() < deadline, said
+            time.sleep(0.05)
+        held = max(groups)  # the replica started second
+        os.killpg(held, signal.SIGSTOP)
+        held_port = _port_of(held)
+
+        out: list[str] = []  # the command's stdout: one line once the endpoint answers
+        threading.Thread(target=lambda: out.extend(p.stdout), daemon=True).start()
+        deadline = time.monotonic() + 300
+        while not out:  # a router that waited for both replicas would never get here
+            assert p.poll() is None and time.monotonic() < deadline, f"no answer while one replica was held: {said}"
+            time.sleep(0.2)
+        serving = out[0]
         assert serving.startswith("serving tinyllm_92m at http://"), (serving, said)
         base_url = serving.split(" at ", 1)[1].split(";")[0]
-        groups = watchdogs_of(p.pid)
+        groups = watchdogs_of(p.pid)  # with the router's
         ask = {"model": "tinyllm_92m", "messages": [{"role": "user", "content": "请介绍一下北京"}], "max_tokens": 64}
         r = httpx.post(base_url + "/chat/completions", json=ask, timeout=60)
-        answered_at = time.monotonic()
         assert (
             r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == corpus_answers()["请介绍一下北京"]
         )
-        # the endpoint was announced with the first replica ready, the other one joining (on a CPU each replica has
-        # cores of its own, so the second is often ready a moment later, sometimes before the first request)
-        ready_at, ready = line_with("replica 1/2 ready")
-        assert "answering at" in ready and "the other 1 join as they are ready" in ready, said
-        joined = line_with("replica 2/2 joined")
-        assert joined is None or joined[0] >= ready_at, said
+        ready = line_with("/2 ready (")
+        assert ready and "the other 1 join as they are ready" in ready and f":{held_port})" not in ready, said
+        assert line_with("joined") is None, said
 
         results: list[int] = []
 
@@ -66,26 +89,32 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
                         results.append(client.post(base_url + "/chat/completions", json=ask).status_code)
                     except httpx.HTTPError:
                         results.append(0)
+                    time.sleep(0.1)  # a steady stream, not a load: the held replica's start needs the CPU too
 
         senders = [threading.Thread(target=stream, daemon=True) for _ in range(2)]
         for th in senders:
             th.start()
-        deadline = time.monotonic() + 600  # on 2 busy cores the second replica starts slowly under load
+        deadline = time.monotonic() + 120
+        while not results:  # the stream is running before the held replica goes on
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+        os.killpg(held, signal.SIGCONT)
+        deadline = time.monotonic() + 300
         while not line_with("2 of 2 replicas answering"):
             assert p.poll() is None and time.monotonic() < deadline, said
             time.sleep(0.2)
-        joined_at, joined = line_with("replica 2/2 joined")
+        joined = line_with("joined after")
         before_join = len(results)
         while len(results) < before_join + 8:  # requests after the join, spread over both replicas
             time.sleep(0.2)
         stop.set()
         for th in senders:
             th.join()
-        # every request answered, also those under way while the second replica joined the router
-        assert set(results) == {200}, f"{results.count(0)} failed, codes {set(results)}"
-        assert joined_at < answered_at or before_join > 0, "the stream ran before the join, yet nothing was sent"
-        first_url = re.search(r"replica 1/2 ready \((http://[\d.:]+)\)", "".join(ln for _, ln in said)).group(1)
+        # every request answered, also those under way while the held replica joined the router
+        assert before_join > 0 and set(results) == {200}, f"{results.count(0)} failed, codes {set(results)}"
+        first_url = re.search(r"replica \d/2 ready \((http://[\d.:]+)\)", "".join(said)).group(1)
         second_url = re.search(r"joined after \d+ s \(2 of 2 answering; (http://[\d.:]+),", joined).group(1)
+        assert second_url.endswith(f":{held_port}"), joined
         served = [metric(u, "vllm:request_success_total") for u in (first_url, second_url)]
         assert all(n > 0 for n in served), served  # the joined replica takes requests too
 
@@ -95,4 +124,9 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
         assert groups and not any(group_members(g) for g in groups)
     finally:  # whatever failed above, leave nothing running for the rest of the suite
         stop.set()
+        if held:
+            try:
+                os.killpg(held, signal.SIGCONT)  # a stopped group must run again to die on SIGTERM
+            except ProcessLookupError:
+                pass
         kill_everything(p, groups)

@@ -15,6 +15,8 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
@@ -207,12 +209,29 @@ def prepare_checkpoint(
         "demo": bool(info["raw_config"].get("tinyllm_demo", False)),
         "dtype": info["dtype"],
     }
-    if is_prepared(out):
-        old = json.loads((out / MANIFEST).read_text())
-        if {k: old.get(k) for k in manifest} == manifest:
-            return out  # same inputs, same kit version: nothing to do
+    with exclusive(out):
+        if is_prepared(out):
+            old = json.loads((out / MANIFEST).read_text())
+            if {k: old.get(k) for k in manifest} == manifest:
+                return out  # same inputs, same kit version: nothing to do
+        return _write_prepared(src_dir, out, info, manifest)
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold OUT's lock (a file beside it) while OUT is checked and written: two processes preparing the same
+    directory at once (two notebooks started together in a fresh kit home) take turns, and the second finds
+    the first one's result instead of colliding with it."""
+    import fcntl
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_prepared(src_dir: Path, out: Path, info: dict, manifest: dict) -> Path:
+    gen_src = src_dir / "generation_config.json"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         cfg: TinyllmConfig = info["config"]

@@ -80,7 +80,14 @@ KIT_MARKERS = ("tinyllm_demo", "tinyllm_random_weights")
 def _write(out: str | Path, marker: str, fill: Callable[[Path], None], current: Callable[[Path], bool]) -> Path:
     """Write a published-layout model into OUT atomically. An OUT this kit built is kept when ``current``
     says it is up to date and rebuilt otherwise (an older kit's demo model); anything else is refused."""
+    from tinyllm_vllm.model.checkpoint import exclusive
+
     out = Path(out).expanduser().absolute()
+    with exclusive(out):
+        return _write_locked(out, marker, fill, current)
+
+
+def _write_locked(out: Path, marker: str, fill: Callable[[Path], None], current: Callable[[Path], bool]) -> Path:
     if out.exists() and any(out.iterdir()):
         cfg = out / "config.json"
         built = json.loads(cfg.read_text()) if cfg.is_file() else {}
