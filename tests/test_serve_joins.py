@@ -22,8 +22,15 @@ from helpers import kill_everything, watchdogs_of
 pytestmark = pytest.mark.vllm
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 def _port_of(watchdog: int) -> str:
-    args = Path(f"/proc/{watchdog}/cmdline").read_text().split("\0")
+    args = _cmdline(watchdog).split()
     return args[args.index("--port") + 1]
 
 
@@ -58,6 +65,9 @@ def test_serve_answers_on_the_first_replica_and_the_second_joins(demo_dir, tmp_p
             assert p.poll() is None and time.monotonic() < deadline, said
             time.sleep(0.05)
         held = max(groups)  # the replica started second
+        while not any(pid != held and "vllm_cli" in _cmdline(pid) for pid in group_members(held)):  # its server is up
+            assert p.poll() is None and time.monotonic() < deadline, said
+            time.sleep(0.02)
         os.killpg(held, signal.SIGSTOP)
         held_port = _port_of(held)
 

@@ -219,15 +219,18 @@ def prepare_checkpoint(
 
 @contextmanager
 def exclusive(out: Path) -> Iterator[None]:
-    """Hold OUT's lock (a file beside it) while OUT is checked and written: two processes preparing the same
-    directory at once (two notebooks started together in a fresh kit home) take turns, and the second finds
-    the first one's result instead of colliding with it."""
+    """Hold a lock on OUT's parent directory (flock; no file is left) while OUT is checked and written: two
+    processes preparing the same directory at once (two notebooks started together in a fresh kit home) take
+    turns, and the second finds the first one's result instead of colliding with it."""
     import fcntl
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def _write_prepared(src_dir: Path, out: Path, info: dict, manifest: dict) -> Path:
