@@ -99,19 +99,3 @@ def pytest_configure(config) -> None:
     if worker and count:
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: int(count)] or cores)
-
-
-def pytest_collection_modifyitems(session, config, items) -> None:
-    """The files that start vLLM (and the notebooks) run first, then those with seconds of work (``slow``), the
-    quick ones last: on two workers, each taking whole files, the short files fill the end and both workers
-    finish together."""
-
-    def weight(item) -> int:
-        if item.get_closest_marker("vllm") is not None or item.path.suffix == ".ipynb":
-            return 0
-        return 1 if item.get_closest_marker("slow") is not None else 2
-
-    per_file: dict = {}
-    for item in items:
-        per_file[item.path] = min(per_file.get(item.path, 2), weight(item))
-    items.sort(key=lambda item: per_file[item.path])  # stable: each file keeps its order and stays together
