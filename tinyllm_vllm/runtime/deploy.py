@@ -180,8 +180,9 @@ class Replicas:
         if settings.device == "cuda" and backend and not _has_flag(vllm_args, "--distributed-executor-backend"):
             vllm_args = ["--distributed-executor-backend", backend, *vllm_args]
         # the servers say nothing themselves: one line a replica is enough for N of them
+        # on a CPU each replica gets cores of its own; an environment the caller passes wins
         self.servers = [
-            VLLMServer(model, vllm_args, settings=each, env=(env or {}) | cores_env(settings, i, n), echo=None)
+            VLLMServer(model, vllm_args, settings=each, env=cores_env(settings, i, n) | (env or {}), echo=None)
             for i in range(n)
         ]
         for i, server in enumerate(self.servers):
