@@ -183,8 +183,12 @@ def _serving(
     from tinyllm_vllm.runtime.deploy import Replicas
 
     with Replicas(model, "auto", settings=settings, echo=progress) as fleet:
+        first = fleet.first_answer_s
         fleet.wait_all()  # measured at full capacity
         out = {"replicas": len(fleet.servers), "api_server_count": fleet.plan.api_server_count, "plan": fleet.plan.why}
+        # the start as a user meets it, in a home the offline engines have compiled in
+        out |= {"first_answer_s": round(first, 1), "all_replicas_s": round(fleet.all_ready_s, 1)}
+        progress(f"[one-gpu] serving: first answer after {first:.0f} s, all replicas after {fleet.all_ready_s:.0f} s")
         urls = [s.url for s in fleet.servers]
         return out | serve_levels(fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls)
 
