@@ -123,3 +123,56 @@ def test_sweep_stops_every_marked_process():
         for p in (*procs, other):
             p.kill()
             p.wait()
+
+
+def test_batch_on_ray_data_config_and_prompts(demo_dir, tmp_path, monkeypatch):
+    """``generate --input --ray``: the processor's config as a user prints it, and the prompts it sends, which vLLM
+    must turn into the local batch's very tokens (vLLM adds the tokenizer's [gMASK]sop prefix itself)."""
+    from transformers import AutoTokenizer
+
+    from tinyllm_vllm.batch import BatchJob, prompt_ids, read_rows
+    from tinyllm_vllm.ray_batch import prompt_texts, ray_rows
+
+    rows_file = tmp_path / "rows.jsonl"
+    rows = [
+        {"id": "a", "prompt": "中国的首都是哪里？", "max_tokens": 7},
+        {"messages": [{"role": "system", "content": "简短"}, {"role": "user", "content": "\n你好"}]},
+        {"custom_id": "c", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}},
+    ]
+    rows_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    env = os.environ | {"TINYLLM_HOME": str(tmp_path / "home")}
+    cli = [sys.executable, "-m", "tinyllm_vllm.cli", "generate", "--model", str(demo_dir), "--input", str(rows_file)]
+    r = subprocess.run([*cli, "--print-config", "--engines", "2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["concurrency"] == 2 and config["model_source"] == str(demo_dir.resolve())
+    assert config["engine_kwargs"]["kv_cache_memory_bytes"] == 2**29  # half of the 1 GiB budget each
+    assert config["runtime_env"]["env_vars"][OWN_DP_PORT] == "1"
+    assert not config["chat_template_stage"] and not config["tokenize_stage"]
+
+    tok = AutoTokenizer.from_pretrained(str(demo_dir))
+    read = read_rows(rows_file)
+    for raw in (False, True):
+        if raw:
+            read = [{"prompt": "你好"}, {"prompt": "\n北京"}]
+        sent = tok(prompt_texts(tok, read, raw))["input_ids"]  # as vLLM tokenizes a text prompt
+        assert sent == prompt_ids(tok, read, raw)
+    job = BatchJob(rows_file, tmp_path / "out.jsonl", max_tokens=32)
+    items = ray_rows(tok, job, read_rows(rows_file), [0, 2])
+    assert [x["index"] for x in items] == [0, 2]
+    want = {"max_tokens": 7, "temperature": 0.0, "top_p": 1.0, "skip_special_tokens": True}  # no seed: None
+    assert items[0]["sampling_params"] == want
+    assert items[1]["sampling_params"]["temperature"] == 0.5 and items[1]["sampling_params"]["max_tokens"] == 32
+
+    from tinyllm_vllm.cli import main
+
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["generate", "--model", str(demo_dir), "--input", str(rows_file), "--output", str(tmp_path / "o"), "--ray"]
+        )
+    assert str(e.value.code).startswith("error: --ray needs Ray Data LLM and the CUDA build of vLLM 0.26")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(demo_dir), "hello", "--ray"])
+    assert "--ray, --ray-address and --print-config go with --input FILE" in str(e.value.code)
+    assert not (tmp_path / "o").exists()

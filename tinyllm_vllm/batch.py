@@ -174,18 +174,7 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
         summary |= _timing([json.loads(s.read_text()) for _, _, s in workers])
     else:
         echo(f"all {len(rows)} rows were done before; writing them in input order")
-    results = done_indices(job)
-    tmp = job.output.with_name(job.output.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i in range(len(rows)):
-            f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(job.output)
-    for part in job.parts.glob("*") if job.parts.is_dir() else []:
-        part.unlink()
-    if job.parts.is_dir():
-        job.parts.rmdir()
+    write_output(job, len(rows))
     summary["seconds"] = time.time() - t0
     if "generate_s" in summary:
         echo(
@@ -194,6 +183,22 @@ def run_batch(model: Path, job: BatchJob, settings: Settings, echo: Callable[[st
         )
     echo(f"wrote {len(rows)} results to {job.output}")
     return summary
+
+
+def write_output(job: BatchJob, rows: int) -> None:
+    """The output in input order, from the rows done (written whole, then renamed); the part files removed."""
+    results = done_indices(job)
+    tmp = job.output.with_name(job.output.name + ".tmp")
+    with open(tmp, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps(results[i], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(job.output)
+    for part in job.parts.glob("*") if job.parts.is_dir() else []:
+        part.unlink()
+    if job.parts.is_dir():
+        job.parts.rmdir()
 
 
 def _timing(statuses: list[dict]) -> dict:

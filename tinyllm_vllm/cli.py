@@ -66,8 +66,18 @@ def cmd_generate(a: argparse.Namespace, s: Settings) -> None:
             a.raw,
             a.in_flight,
         )
+        if a.ray or a.ray_address or a.print_config:
+            from tinyllm_vllm.ray_batch import processor_config, run_ray_batch
+
+            if a.print_config:
+                print(json.dumps(processor_config(_model(a.model, s), s, a.engines), indent=2))
+                return
+            run_ray_batch(_model(a.model, s), job, s, a.ray_address, echo=say)
+            return
         run_batch(_model(a.model, s), job, s, echo=say)
         return
+    if a.ray or a.ray_address or a.print_config:
+        raise TinyllmError("generate: --ray, --ray-address and --print-config go with --input FILE")
     if not a.prompt:
         raise TinyllmError("generate: give one or more prompts, or --input prompts.jsonl --output out.jsonl")
     llm = offline.load_llm(_model(a.model, s), s, echo=say)
@@ -264,6 +274,10 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     p.add_argument("--seed", type=int)
     model_arg(p)
     sampling_args(p)
+    ray = p.add_argument_group("Ray Data LLM (the CUDA build of vLLM 0.26 and the ray extra)")
+    ray.add_argument("--ray", action="store_true", help="with --input: run the batch on Ray Data LLM")
+    ray.add_argument("--ray-address", help="with --input: on this Ray cluster (ray start --head ...) instead")
+    ray.add_argument("--print-config", action="store_true", help="with --input: print the Ray processor's config")
     p.set_defaults(fn=cmd_generate)
 
     def server_args(p: argparse.ArgumentParser) -> None:
