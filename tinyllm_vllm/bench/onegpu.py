@@ -3,7 +3,7 @@
 In one run on one machine, on one chat-like request stream (one seed), every figure timed by the
 measurement rule (``rule``: at least 20 s and 8x the requests in flight, warm-up on other requests):
 
-* offline: one engine with vLLM's defaults (median of the repeats, with min-max), then the plan's N
+* offline: one engine with vLLM's defaults (one run), then the plan's N
   engines side by side (the ``mp`` executor, each on 1/N of the memory, timed together, every repeat):
   the headline;
 * the kit's batch path: ``generate --input`` on ``batch_rows`` rows of the same stream with those N
@@ -93,7 +93,9 @@ def one_gpu(
         return combined_steady([r], s.rule) | {"engines": 1}
 
     offline = runs["offline"] = {}
-    offline["single_engine"] = step("one engine, vLLM defaults", engine(spec))
+    # the baseline the plan is read against, not a headline: one run by the rule, as the scan's other counts
+    single = replace(spec, rule=asdict(replace(rule, repeats=1)))
+    offline["single_engine"] = step("one engine, vLLM defaults (one run)", engine(single))
     mp = replace(spec, engine_args=spec.engine_args | gpu.engine_options)
     scanned = runs["plan_scan"] = []
 
