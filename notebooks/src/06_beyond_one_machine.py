@@ -93,7 +93,49 @@ if app:
     print("streamed: the same reply, in", len(streamed), "characters")
 
 # %% [markdown]
-# ## 4. Many machines
+# ## 4. A batch on Ray Data LLM
+# For batch work beyond one GPU, Ray Data LLM runs vLLM engines as a Ray Data stage. The kit gives it the
+# same rows as the local `generate --input` (JSONL of prompts or chats, each row's own sampling fields)
+# and writes the same output, in input order. Ray's engine stage sends text to vLLM, and vLLM adds the
+# tokenizer's `[gMASK]sop` prefix itself: a chat goes as the chat template's text without that prefix, so
+# the engine sees the very tokens the local batch gives its engines. The check below proves it on the
+# tokenizer; the processor's config is built here on any machine, and the batch runs where Ray does.
+# From a shell: `tinyllm-vllm generate --input rows.jsonl --output out.jsonl --ray`.
+
+# %%
+from transformers import AutoTokenizer
+
+from tinyllm_vllm.batch import BatchJob, prompt_ids, read_rows
+from tinyllm_vllm.ray_batch import processor_config, prompt_texts, run_ray_batch
+
+questions = ["中国的首都是哪里？", "介绍一下中国。", "你好", "请介绍一下你自己。"]
+rows_file = settings.home / "ray-batch-rows.jsonl"
+rows_file.write_text(
+    "".join(json.dumps({"id": i, "prompt": q}, ensure_ascii=False) + "\n" for i, q in enumerate(questions))
+)
+processor = processor_config(model_dir, settings)
+print("engines:", processor["concurrency"], "| each on:", processor["placement_group_config"]["bundles"][0])
+tok = AutoTokenizer.from_pretrained(str(model_dir))
+rows = read_rows(rows_file)
+assert tok(prompt_texts(tok, rows, raw=False))["input_ids"] == prompt_ids(tok, rows, raw=False)
+print("Ray's prompts become the local batch's tokens:", len(rows), "rows")
+
+# %%
+out_file = settings.home / "ray-batch-out.jsonl"
+out_file.unlink(missing_ok=True)
+if RAY:
+    if app:
+        app.stop()  # the batch's engines need the GPU share the app's replicas hold
+    run_ray_batch(model_dir, BatchJob(rows_file, out_file, max_tokens=32), settings)
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["id"] for r in results] == list(range(len(questions)))
+    for r in results:
+        print(questions[r["id"]], "->", r["text"][:40], f"({r['output_tokens']} tokens, {r['finish_reason']})")
+else:
+    print("skipped: no Ray Data LLM on this machine")
+
+# %% [markdown]
+# ## 5. Many machines
 # **Ray:** start Ray on each machine, then deploy the same app to the cluster. Install the package (with
 # the `cuda,ray` extras) on every node, and give every node the prepared model at the same path (or a
 # shared filesystem):
@@ -115,7 +157,7 @@ print(REMOTE_POLICY_TEXT)
 # Deployment with readiness on `/health`, a Service and a HorizontalPodAutoscaler; `make test` checks the
 # manifests with `kubernetes-validate`.
 #
-# ## 5. Stop everything
+# ## 6. Stop everything
 # Ray Serve shuts the app down, the Ray this notebook started stops, and any Ray process left of it is
 # stopped too (all of them carry one environment mark).
 
