@@ -54,6 +54,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scan", type=int, nargs="+", default=[2, 4, 8], help="one-gpu: engine counts side by side")
     p.add_argument("--batch-rows", type=int, default=65536, help="one-gpu: rows of the generate --input run")
+    p.add_argument(
+        "--ray-batch-rows", type=int, default=16384, help="ray: rows of the batch on Ray Data LLM and locally (0: none)"
+    )
     p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu, ray: requests in flight")
     p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")
     p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
@@ -161,7 +164,9 @@ def run(a: argparse.Namespace, s: Settings) -> None:
         from tinyllm_vllm.rule import Rule
 
         rule = Rule(a.min_seconds, a.min_factor, a.repeats or 3)
-        result = ray_vs_router(model, s, out_dir / "ray-work", rule, distribution(a), a.serve_requests, tuple(a.levels))
+        result = ray_vs_router(
+            model, s, out_dir / "ray-work", rule, distribution(a), a.serve_requests, tuple(a.levels), a.ray_batch_rows
+        )
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "offline":
         from tinyllm_vllm.bench.compare import offline

@@ -113,7 +113,7 @@ def one_gpu(
     if "useful_tok_s" in best:
         best |= {"engine_options": gpu.engine_options}
     offline["best"] = step(f"best: the plan's {best_k} engines side by side", best)
-    runs["batch"] = _batch(model, settings, out_dir, dist, tok, batch_rows, best_k, progress)
+    runs["batch"] = batch_run(model, settings, out_dir, dist, tok, batch_rows, best_k, progress)
     if "useful_tok_s" in runs["batch"]:
         progress(f"[one-gpu] batch: {runs['batch']['useful_tok_s']:,.0f} tok/s ({time.monotonic() - t0:.0f} s)")
     if save:
@@ -138,7 +138,7 @@ def one_gpu(
     return summarized(result)
 
 
-def _batch(
+def batch_run(
     model: str | Path,
     settings: Settings,
     out_dir: Path,
@@ -147,12 +147,14 @@ def _batch(
     rows: int,
     engines: int,
     progress: Callable[[str], Any],
+    ray: bool = False,
 ) -> dict:
-    """``generate --input`` on ``rows`` rows of the stream, each with its own reply length (``max_tokens``,
-    ``ignore_eos``): completed as text (``--raw``), written in input order."""
+    """``generate --input`` (``ray``: with ``--ray``, on Ray Data LLM) on ``rows`` rows of the stream, each with
+    its own reply length (``max_tokens``, ``ignore_eos``): completed as text (``--raw``), written in input order."""
     from tinyllm_vllm.batch import BatchJob, run_batch
+    from tinyllm_vllm.ray_batch import run_ray_batch
 
-    work = out_dir / "batch"
+    work = out_dir / ("ray-batch" if ray else "batch")
     work.mkdir(parents=True, exist_ok=True)
     path = work / "in.jsonl"
     with open(path, "w") as f:
@@ -162,15 +164,17 @@ def _batch(
     out = work / "out.jsonl"
     out.unlink(missing_ok=True)
     job = BatchJob(path, out, engines=str(engines), raw=True)
+    label = "ray batch" if ray else "batch"
     try:
-        summary = run_batch(Path(model), job, settings, echo=lambda line: progress(f"[one-gpu] batch: {line}"))
+        go = run_ray_batch if ray else run_batch
+        summary = go(Path(model), job, settings, echo=lambda line: progress(f"[one-gpu] {label}: {line}"))
     except Exception as e:  # the other figures stand: say what failed
         return {"error": f"{type(e).__name__}: {e}"}
     finally:
         for f in (path, out):
             f.unlink(missing_ok=True)
     command = f"tinyllm-vllm generate --input ROWS.jsonl --output OUT.jsonl --raw --engines {engines}"
-    return summary | {"command": command}
+    return summary | {"command": command + (" --ray" if ray else "")}
 
 
 def _serving(

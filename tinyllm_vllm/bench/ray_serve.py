@@ -7,7 +7,8 @@ requests, each level repeated on its own requests, steady-state rate, clients be
 * Ray Serve LLM (``cluster.RayServe``): output tok/s and TTFT at each level; then one LLM replica's process
   is killed while a level runs: requests failed or cut short, and the seconds until Ray Serve reports
   every replica running again;
-* the kit's replicas behind vllm-router (``deploy.Replicas``) on the same requests.
+* the kit's replicas behind vllm-router (``deploy.Replicas``) on the same requests;
+* a batch: the same rows through ``generate --input`` and ``generate --input --ray`` (Ray Data LLM).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from tinyllm_vllm.bench import load
 from tinyllm_vllm.bench.compare import machine
-from tinyllm_vllm.bench.onegpu import best_level, serve_levels
+from tinyllm_vllm.bench.onegpu import batch_run, best_level, serve_levels
 from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
 from tinyllm_vllm.rule import Rule
 from tinyllm_vllm.runtime import procs
@@ -93,6 +94,7 @@ def ray_vs_router(
     dist: ChatLike,
     requests: int = 16384,
     levels: tuple[int, ...] = (1024,),
+    batch_rows: int = 16384,
     progress: Callable[[str], Any] = print,
 ) -> dict:
     """Ray Serve LLM and the kit's replicas behind vllm-router, on the same plan, the same request stream and
@@ -133,6 +135,8 @@ def ray_vs_router(
         runs["router"] = serve_levels(
             fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls, label="ray: replicas + vllm-router"
         )
+    batch = _batches(model, settings, out_dir, dist, tok, batch_rows, progress) if batch_rows else {}
+    runs["batch"] = batch
     ray, router = best_level(runs["ray"]) or {}, best_level(runs["router"]) or {}
     timed = [r for side in ("ray", "router") for lv in runs[side]["levels"] for r in lv["runs"]]
     result |= {
@@ -150,6 +154,26 @@ def ray_vs_router(
         "replica_killed": {
             k: killed[k] for k in ("failed", "lost", "restart_s", "completed", "requests", "under_load")
         },
+        "batch": {k: batch.get(k) for k in ("rows", "engines", "useful_tok_s", "local_useful_tok_s")},
         "runs": runs | {"ray_replica_killed": killed},
     }
     return result
+
+
+def _batches(
+    model: str | Path, settings: Settings, out_dir: Path, dist: ChatLike, tok: Any, rows: int, progress: Callable
+) -> dict:
+    """The same rows through ``generate --input`` and ``generate --input --ray``, with the same engine count (the
+    offline plan). Each rate is output tokens over the time the engines generated: from the first engine ready
+    (local) or the first result back (Ray) to the last row; ``seconds`` is the whole command, starts included."""
+    n = plan(settings, "auto", offline=True).engines
+    local = batch_run(model, settings, out_dir, dist, tok, rows, n, progress)
+    on_ray = batch_run(model, settings, out_dir, dist, tok, rows, n, progress, ray=True)
+
+    def rate(r: dict) -> float | None:
+        return r["output_tokens"] / r["generate_s"] if r.get("output_tokens") and r.get("generate_s") else None
+
+    out = {"rows": rows, "engines": n, "useful_tok_s": rate(on_ray), "local_useful_tok_s": rate(local)}
+    progress(f"[ray] batch of {rows} rows: Ray Data LLM {out['useful_tok_s']}, local {out['local_useful_tok_s']} tok/s")
+    out |= {"seconds": on_ray.get("seconds"), "local_seconds": local.get("seconds")}
+    return out | {"ray": on_ray, "local": local}

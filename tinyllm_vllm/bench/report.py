@@ -253,6 +253,12 @@ def ray_table(result: dict) -> str:
         f"Serve had every replica running again after {k['restart_s']} s. The app was ready "
         f"{result['runs']['ray']['start_s']} s after its start.",
     ]
+    b = result.get("batch") or {}
+    if b.get("useful_tok_s") and b.get("local_useful_tok_s"):
+        rows.append(
+            f"A batch of {b['rows']:,} rows on {b['engines']} engines: Ray Data LLM {b['useful_tok_s']:,.0f} output "
+            f"tok/s while generating, `generate --input` {b['local_useful_tok_s']:,.0f}."
+        )
     return "\n".join(rows)
 
 
