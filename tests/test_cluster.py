@@ -47,6 +47,27 @@ def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     assert llm["model_loading_config"] == {"model_id": "tinyllm_92m", "model_source": str(demo_dir.resolve())}
 
 
+def test_ray_throughput_mode(demo_dir, tmp_path, monkeypatch):
+    """``serve --ray --ray-throughput``: Ray's high-throughput settings; HAProxy and direct streaming only where the
+    haproxy binary is found (the LLM replicas are then the ingress, and Ray refuses an ingress config)."""
+    from tinyllm_vllm.runtime.cluster import INGRESS_PER_ENGINE, throughput_env
+
+    gpu = Settings(device="cuda", home=tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no haproxy
+    config = serve_config(demo_dir, gpu, 4, throughput=True)
+    args = config["applications"][0]["args"]
+    assert args["ingress_deployment_config"] == {"num_replicas": INGRESS_PER_ENGINE * 4}
+    assert _llm(config)["runtime_env"]["env_vars"]["VLLM_USE_RAY_V2_EXECUTOR_BACKEND"] == "1"
+    assert throughput_env() == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "VLLM_USE_RAY_V2_EXECUTOR_BACKEND": "1"}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "haproxy").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "haproxy").chmod(0o755)
+    assert throughput_env()["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] == "1"
+    assert throughput_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert "ingress_deployment_config" not in serve_config(demo_dir, gpu, 4, throughput=True)["applications"][0]["args"]
+    assert "VLLM_USE_RAY_V2_EXECUTOR_BACKEND" not in _llm(serve_config(demo_dir, gpu, 4))["runtime_env"]["env_vars"]
+
+
 def _dp_master_port(**env: str) -> int:
     """The data-parallel master port vLLM's config takes in a fresh process that loaded its plugins."""
     code = (

@@ -121,7 +121,7 @@ def _ray(a: argparse.Namespace, s: Settings, model: Path, replicas: str) -> Any:
         )
     autoscale = tuple(a.autoscale) if a.autoscale else None
     if a.print_config:
-        print(json.dumps(serve_config(model, s, replicas, autoscale), indent=2))
+        print(json.dumps(serve_config(model, s, replicas, autoscale, a.ray_throughput), indent=2))
         return None
     if s.device != "cuda" or importlib.util.find_spec("ray") is None:
         raise TinyllmError(
@@ -129,7 +129,15 @@ def _ray(a: argparse.Namespace, s: Settings, model: Path, replicas: str) -> Any:
             "(on the CPU build Ray Serve LLM does not import; --print-config shows the app's config)"
         )
     return RayServe(
-        model, replicas, settings=s, address=a.ray_address, host=a.host, port=_port(a), autoscale=autoscale, echo=say
+        model,
+        replicas,
+        settings=s,
+        address=a.ray_address,
+        host=a.host,
+        port=_port(a),
+        autoscale=autoscale,
+        throughput=a.ray_throughput,
+        echo=say,
     )
 
 
@@ -137,7 +145,7 @@ def cmd_serve(a: argparse.Namespace, s: Settings) -> None:
     replicas = a.replicas or ("auto" if s.device == "cuda" else "1")
     if replicas == "auto" and any(f.startswith(("--data-parallel", "--tensor-parallel")) for f in a.vllm_args):
         replicas = "1"  # vLLM's own parallelism spans the GPUs: one server
-    ray = a.ray or a.ray_address or a.print_config or a.autoscale
+    ray = a.ray or a.ray_address or a.print_config or a.autoscale or a.ray_throughput
     server = _ray(a, s, _model(a.model, s), replicas) if ray else _deployment(a, s, _model(a.model, s), replicas)
     if server is None:
         return
@@ -297,6 +305,12 @@ def parser() -> tuple[argparse.ArgumentParser, set[str]]:
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve LLM: --replicas on one GPU")
     ray.add_argument("--ray-address", help="join this Ray cluster (ray start --head ...) instead of starting one")
     ray.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), help="replicas between MIN and MAX")
+    ray.add_argument(
+        "--ray-throughput",
+        action="store_true",
+        help="Ray's high-throughput mode: gRPC between replicas, 4 ingress replicas per engine; HAProxy and "
+        "direct streaming where the haproxy binary is installed",
+    )
     ray.add_argument("--print-config", action="store_true", help="print the app's Ray Serve config and exit")
     p.set_defaults(fn=cmd_serve)
     passthrough.add("serve")

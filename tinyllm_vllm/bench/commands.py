@@ -55,6 +55,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", type=int, nargs="+", default=[2, 4, 8], help="one-gpu: engine counts side by side")
     p.add_argument("--batch-rows", type=int, default=65536, help="one-gpu: rows of the generate --input run")
     p.add_argument(
+        "--ray-modes",
+        nargs="+",
+        choices=["default", "throughput"],
+        default=["default", "throughput"],
+        help="ray: Ray Serve's own settings and/or Ray's high-throughput mode, measured in this order",
+    )
+    p.add_argument(
         "--ray-batch-rows", type=int, default=16384, help="ray: rows of the batch on Ray Data LLM and locally (0: none)"
     )
     p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu, ray: requests in flight")
@@ -165,7 +172,15 @@ def run(a: argparse.Namespace, s: Settings) -> None:
 
         rule = Rule(a.min_seconds, a.min_factor, a.repeats or 3)
         result = ray_vs_router(
-            model, s, out_dir / "ray-work", rule, distribution(a), a.serve_requests, tuple(a.levels), a.ray_batch_rows
+            model,
+            s,
+            out_dir / "ray-work",
+            rule,
+            distribution(a),
+            a.serve_requests,
+            tuple(a.levels),
+            a.ray_batch_rows,
+            tuple(a.ray_modes),
         )
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     elif a.what == "offline":

@@ -150,6 +150,8 @@ def summarize(results: list[dict], concurrency: int) -> dict:
         "requests": len(recs),
         "completed": len(ok),
         "failed": len(recs) - len(ok),
+        # failed before its first token: a request a retry could have sent elsewhere without the user noticing
+        "failed_not_begun": sum(1 for r in recs if r["error"] and r["first"] is None),
         # answered without an error, yet fewer tokens than asked (ignore_eos): a stream the server cut short
         "incomplete": sum(1 for r in ok if r["tokens"] < r.get("asked", 0)),
         "errors": sorted({r["error"] for r in recs if r["error"]})[:5],

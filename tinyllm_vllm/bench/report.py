@@ -239,8 +239,10 @@ def ray_table(result: dict) -> str:
         "| shortest run | TTFT p99 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("ray", "Ray Serve LLM"), ("router", "the kit's replicas behind vllm-router")):
-        for lv in map(level_headline, result["runs"][key]["levels"]):
+    runs = result["runs"]
+    sides = [(f"Ray Serve LLM, {mode}", side) for mode, side in runs["ray_modes"].items()]
+    for label, side in [*sides, ("the kit's replicas behind vllm-router", runs["router"])]:
+        for lv in map(level_headline, side["levels"]):
             lo, hi = lv["spread"]
             rows.append(
                 f"| {label} | {lv['concurrency']} | {lv['tok_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {lv['seconds']:.0f} s "
@@ -249,9 +251,11 @@ def ray_table(result: dict) -> str:
     rows += [
         "",
         f"One Ray replica killed {'under load' if k['under_load'] else 'after the load'}: of {k['requests']} "
-        f"requests {k['completed']} were answered ({k['lost']} of them cut short) and {k['failed']} failed; Ray "
-        f"Serve had every replica running again after {k['restart_s']} s. The app was ready "
-        f"{result['runs']['ray']['start_s']} s after its start.",
+        f"requests {k['completed']} were answered and {k['failed']} failed ({k['failed_not_begun']} before their "
+        f"first token); {k['cut']} streams were cut mid-way. Ray "
+        f"Serve had every replica running again after {k['restart_s']} s. The app was ready after "
+        + ", ".join(f"{s['start_s']} s ({mode})" for mode, s in runs["ray_modes"].items())
+        + ".",
     ]
     b = result.get("batch") or {}
     if b.get("useful_tok_s") and b.get("local_useful_tok_s"):

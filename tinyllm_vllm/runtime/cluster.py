@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -39,8 +40,22 @@ if TYPE_CHECKING:
     import openai
 
 APP = "tinyllm"
+# Ray's high-throughput mode (Ray >= 2.56), read where Serve starts: gRPC between replicas, vLLM's Ray V2
+# executor; with the haproxy binary, HAProxy as the ingress and direct streaming (the LLM replica answers the
+# HTTP request itself, no ingress deployment in between)
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "VLLM_USE_RAY_V2_EXECUTOR_BACKEND": "1"}
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
+INGRESS_PER_ENGINE = 4  # ingress replicas per LLM replica in the throughput mode, as Ray's own LLM benchmarks run
 MARK = "TINYLLM_RAY_APP"  # every process Ray starts for one app inherits this variable: how stop() finds them
 # Ray Serve LLM chooses the executor itself (Ray's); the kit's other options are the replicas' engine arguments
+
+
+def throughput_env(haproxy: bool | None = None) -> dict[str, str]:
+    """The environment of Ray's high-throughput mode for the processes that start Ray and Serve (``ray start``
+    on every node of a cluster); HAProxy and direct streaming only where the ``haproxy`` binary is found."""
+    if haproxy is None:
+        haproxy = shutil.which("haproxy") is not None
+    return THROUGHPUT_ENV | (HAPROXY_ENV if haproxy else {})
 
 
 def serve_config(
@@ -48,10 +63,13 @@ def serve_config(
     settings: Settings,
     replicas: int | str = "auto",
     autoscale: tuple[int, int] | None = None,
+    throughput: bool = False,
 ) -> dict:
     """The Ray Serve config of TinyLLM: ``replicas`` LLM servers (``auto``: the kit's plan for one GPU), or
     between ``autoscale`` = (min, max) of them, each with 1/N of a GPU and of the memory budget; as many
-    ingress (HTTP) replicas as the plan gives each engine API server processes."""
+    ingress (HTTP) replicas as the plan gives each engine API server processes. With ``throughput`` (Ray's
+    high-throughput mode, ``throughput_env``): ``INGRESS_PER_ENGINE`` per engine, or none where direct
+    streaming makes the LLM replicas the ingress (the config is made for the machine it is made on)."""
     if autoscale and not 1 <= autoscale[0] <= autoscale[1]:
         raise ServerError(f"--autoscale {autoscale[0]} {autoscale[1]}: expected 1 <= MIN <= MAX")
     gpu = plan(settings, replicas if autoscale is None else autoscale[1])
@@ -81,6 +99,12 @@ def serve_config(
         "runtime_env": {"env_vars": env},
     }
     args: dict[str, Any] = {"llm_configs": [llm], "ingress_deployment_config": {"num_replicas": gpu.api_server_count}}
+    if throughput:
+        env |= {k: v for k, v in THROUGHPUT_ENV.items() if k.startswith("VLLM_")}  # read in the replicas
+        args["ingress_deployment_config"] = {"num_replicas": INGRESS_PER_ENGINE * n}
+        if "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING" in throughput_env():
+            # the LLM replicas are the ingress: Ray 2.58 refuses a config for an ingress deployment
+            del args["ingress_deployment_config"]
     return {
         "applications": [
             {"name": APP, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app", "args": args}
@@ -103,12 +127,14 @@ class RayServe(ManagedProcess):
         host: str = "127.0.0.1",
         port: int | None = None,
         autoscale: tuple[int, int] | None = None,
+        throughput: bool = False,
         startup_timeout: float = 900.0,
         echo: Callable[[str], Any] | None = print,
     ) -> None:
         self.settings = settings or Settings.from_env()
         super().__init__(None, startup_timeout, echo)
-        self.config = serve_config(model, self.settings, replicas, autoscale)
+        self.config = serve_config(model, self.settings, replicas, autoscale, throughput)
+        self.driver_env = throughput_env() if throughput else {}  # Serve reads it where it starts
         self.address, self.host, self.port = address, host, port
         self.token = uuid.uuid4().hex
         self.ready_s: float | None = None
@@ -143,6 +169,7 @@ class RayServe(ManagedProcess):
         ]
         cmd += ["--status", str(self.status_file)] + (["--address", self.address] if self.address else [])
         env = os.environ | {MARK: self.token, "PYTHONUNBUFFERED": "1"} | startup.cache_env(self.settings.home)
+        env |= self.driver_env
         t0 = time.monotonic()
         n = self.config["applications"][0]["args"]["llm_configs"][0]["deployment_config"]
         announce = f"starting Ray Serve LLM ({n}) for {self.served_model_name} at {self.url} (log: {self.log_file})"
