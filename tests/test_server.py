@@ -14,6 +14,7 @@ from tinyllm_vllm.client import delta_text, http_get, http_post, http_stream
 from tinyllm_vllm.errors import ServerError
 from tinyllm_vllm.model.demo import corpus_answers
 from tinyllm_vllm.model.tokenizer import training_prompt
+from tinyllm_vllm.runtime import startup
 from tinyllm_vllm.runtime.procs import group_members, wait_group_gone
 from tinyllm_vllm.runtime.server import VLLMServer
 
@@ -61,6 +62,11 @@ def test_the_start_is_recorded_as_a_timeline(demo_server):
     assert list(timeline)[:2] == ["process_s", "cuda_init_s"] and timeline["process_s"] > 1, timeline
     assert sum(timeline.values()) == pytest.approx(start["seconds"], abs=1.5), timeline
     assert start["cold"] is False and start["phases"]["weights_s"] >= 0  # eager on the CPU: nothing compiled
+    # the next start's announcement tells the learner what to expect, from these records
+    took = [r["seconds"] for r in records if r["what"] == "server"][-3:]
+    said = startup.expected(demo_server.settings.home, "server")
+    assert said.startswith("the last ") and f"{min(took):.0f}" in said, (said, took)
+    assert startup.expected(demo_server.settings.home, "no such start") == ""
 
 
 def test_engine_process_used_the_plugin(demo_server):

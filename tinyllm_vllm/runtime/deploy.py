@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinyllm_vllm.errors import ServerError
-from tinyllm_vllm.runtime import logs, procs
+from tinyllm_vllm.runtime import logs, procs, startup
 from tinyllm_vllm.runtime.plan import GpuPlan, cores_env, plan, share
 from tinyllm_vllm.runtime.procs import ManagedProcess, hold_port
 from tinyllm_vllm.runtime.server import VLLMServer
@@ -230,7 +230,8 @@ class Replicas:
         reported and left out, the endpoint keeps answering."""
         t0 = time.monotonic()
         if self.echo:
-            self.echo(f"starting {self.plan.why}")
+            took = startup.expected(self.settings.home, "replica")
+            self.echo(f"starting {self.plan.why}{f' ({took})' if took else ''}")
         # later replicas yield the CPU to the first while it starts (their niceness goes back to 0 as soon as it
         # answers, which needs root: elsewhere they start as equals, and the first ready one answers first)
         prioritise = len(self.servers) > 1 and os.geteuid() == 0

@@ -52,7 +52,8 @@ def load_llm(model_dir: str | Path, settings: Settings | None = None, echo: Any 
     log_file = logs.new_log_file(settings.logs, "vllm-engine")
     child_env = logs.send_vllm_log_to(log_file) | _start_method_env()
     if echo:
-        echo(f"starting the vLLM engine (log: {log_file})")
+        took = startup.expected(settings.home, "offline engine")
+        echo(f"starting the vLLM engine (log: {log_file}{'; ' + took if took else ''})")
     t0 = time.monotonic()
     try:
         with logs.engine_phase(log_file, child_env) as warnings, startup.PhaseEcho(log_file, echo):

@@ -157,7 +157,9 @@ class VLLMServer(ManagedProcess):
         # of torch and vLLM per process): no start method is forced here
         env |= {"PYTHONUNBUFFERED": "1"} | self.env
         t0 = time.monotonic()
-        announce = f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file})"
+        took = startup.expected(self.settings.home, self.what.split()[0])
+        announce = f"starting {self.kind} for {self.served_model_name} at {self.url} (log: {self.log_file}"
+        announce += f"; {took})" if took else ")"
         self._started_at = t0
         self._launch(cmd, env, wait, announce if wait else None)
         return self

@@ -140,5 +140,16 @@ def read_starts(home: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def expected(home: Path, kind: str, last: int = 3) -> str:
+    """What the last ``last`` starts of ``kind`` (``offline engine``, ``server``, ``replica``) took in this home, as
+    a few words for the line that announces the next one; empty before the first."""
+    took = [r for r in read_starts(home) if r["what"] == kind or r["what"].startswith(kind + " ")][-last:]
+    if not took:
+        return ""
+    lo, hi = min(r["seconds"] for r in took), max(r["seconds"] for r in took)
+    span = f"{lo:.0f} s" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f} s"
+    return f"the last {'start' if len(took) == 1 else f'{len(took)} starts'} here took {span}"
+
+
 def _starts_file(home: Path) -> Path:
     return Path(home) / "logs" / "starts.jsonl"
