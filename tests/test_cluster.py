@@ -1,7 +1,8 @@
 """Ray Serve LLM: the app's config from the kit's settings, `serve --ray` on a machine without it, the sweep.
 
 Ray Serve LLM 2.58 imports only next to the CUDA build of vLLM 0.26; here (the CPU build) the config is
-made and checked, and the command says what it needs. The GPU run is ``tinyllm-vllm bench ray``.
+made and checked, and the command says what it needs; Ray's core runs here, so a cluster of two nodes on this
+machine (``LocalCluster``) is started for real. The GPU run is ``tinyllm-vllm bench ray``.
 """
 
 import json
@@ -197,3 +198,23 @@ def test_batch_on_ray_data_config_and_prompts(demo_dir, tmp_path, monkeypatch):
         main(["generate", "--model", str(demo_dir), "hello", "--ray"])
     assert "--ray, --ray-address and --print-config go with --input FILE" in str(e.value.code)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_local_cluster_of_two_nodes_loses_one_and_stops_clean(tmp_path):
+    """``LocalCluster`` on Ray's core (CPU): two nodes join; the worker node's raylet killed, the cluster counts one
+    node alive; on stop no process of either node is left."""
+    from tinyllm_vllm.runtime.cluster import LocalCluster
+
+    said: list[str] = []
+    cluster = LocalCluster(tmp_path, 2, gpus=0, echo=said.append)
+    with cluster:
+        assert cluster.alive_nodes() == 2
+        assert [line.split(",")[0] for line in said] == ["Ray node 1/2 up (head", "Ray node 2/2 up (worker"]
+        assert all(marked_with(MARK, token) for token in cluster.node_tokens)  # each node's processes carry its mark
+        cluster.kill_node(1)
+        deadline = time.monotonic() + 120
+        while cluster.alive_nodes() > 1:
+            assert time.monotonic() < deadline, "the head still counts the killed node alive after 120 s"
+            time.sleep(1)
+        assert cluster.replicas_per_node() == [0, 0]
+    assert not any(marked_with(MARK, token) for token in cluster.node_tokens)

@@ -33,6 +33,7 @@ from tinyllm_vllm.settings import Settings
 settings = Settings.from_env()
 REPLICAS = os.environ.get("TINYLLM_REPLICAS", "auto" if settings.device == "cuda" else "2")
 RAY = settings.device == "cuda" and importlib.util.find_spec("ray") is not None
+THROUGHPUT = os.environ.get("TINYLLM_RAY_THROUGHPUT", "0") == "1"  # Ray's high-throughput mode (step 1)
 print("Ray Serve LLM:", "runs here" if RAY else "config only here (needs the CUDA build of vLLM 0.26 and ray)")
 
 # %%
@@ -61,6 +62,25 @@ print("engine:", {k: llm["engine_kwargs"][k] for k in ("dtype", "max_model_len",
 print(f"saved: {config_file}  ->  serve run {config_file.name}")
 
 # %% [markdown]
+# Ray's **high-throughput mode** (Ray 2.56 and later; `serve --ray --ray-throughput`) changes how requests
+# reach the replicas, not the replicas: gRPC between Serve's replicas, more HTTP ingress replicas, and
+# where the `haproxy` binary is installed, HAProxy in front with direct streaming (each LLM replica answers
+# HTTP itself, so there is no ingress deployment). Its settings are environment variables read where Ray
+# and Serve start (`ray start` on every node of a cluster).
+
+# %%
+from tinyllm_vllm.runtime.cluster import throughput_env
+
+tuned = serve_config(model_dir, settings, REPLICAS, throughput=True)["applications"][0]["args"]
+print(
+    "ingress replicas:",
+    config["applications"][0]["args"]["ingress_deployment_config"]["num_replicas"],
+    "->",
+    tuned.get("ingress_deployment_config", {"num_replicas": "none (direct streaming)"})["num_replicas"],
+)
+print("environment where Serve starts:", throughput_env())
+
+# %% [markdown]
 # ## 2. Serve it through Ray Serve LLM
 # `RayServe` starts a Ray on this machine (or joins one: `address="auto"`), deploys the app and waits
 # until every replica's engine is up. The endpoint speaks the same OpenAI API as `vllm serve`.
@@ -69,7 +89,7 @@ print(f"saved: {config_file}  ->  serve run {config_file.name}")
 # %%
 from tinyllm_vllm.runtime.cluster import RayServe
 
-app = RayServe(model_dir, REPLICAS, settings=settings).start() if RAY else None
+app = RayServe(model_dir, REPLICAS, settings=settings, throughput=THROUGHPUT).start() if RAY else None
 print(app.base_url if app else "skipped: no Ray Serve LLM on this machine")
 
 # %% [markdown]
@@ -143,6 +163,10 @@ else:
 #     ray start --head                          # on the first machine
 #     ray start --address HEAD_IP:6379          # on each other machine
 #     tinyllm-vllm serve --ray --ray-address auto --replicas 8 --host 0.0.0.0
+#
+# `LocalCluster(home, nodes=2)` makes the same two commands on one machine, each node with its own share of
+# the CPUs: how a cluster looks to Ray (the replicas spread over nodes, a node lost and the app served from
+# the other), without the network between real hosts. `tinyllm-vllm bench ray` runs the app on it.
 #
 # **vllm-router over hosts:** run `tinyllm-vllm serve` on each machine, then one router in front:
 # `tinyllm-vllm route --workers http://host1:8000 http://host2:8000`. Its failure policy:

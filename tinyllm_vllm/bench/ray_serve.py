@@ -8,6 +8,8 @@ requests, each level repeated on its own requests, steady-state rate, clients be
   is killed while a level runs: requests failed or cut short, and the seconds until Ray Serve reports
   every replica running again;
 * the kit's replicas behind vllm-router (``deploy.Replicas``) on the same requests;
+* two Ray nodes on this machine (``cluster.LocalCluster``): the app spread over both, the worker node's raylet
+  killed, the time until the app serves again from the node left;
 * a batch: the same rows through ``generate --input`` and ``generate --input --ray`` (Ray Data LLM).
 """
 
@@ -30,7 +32,7 @@ from tinyllm_vllm.bench.onegpu import batch_run, best_level, serve_levels
 from tinyllm_vllm.bench.workload import ChatLike, describe, text_rows
 from tinyllm_vllm.rule import Rule
 from tinyllm_vllm.runtime import procs
-from tinyllm_vllm.runtime.cluster import MARK, RayServe
+from tinyllm_vllm.runtime.cluster import MARK, LocalCluster, RayServe
 from tinyllm_vllm.runtime.deploy import Replicas
 from tinyllm_vllm.runtime.plan import plan
 from tinyllm_vllm.settings import Settings
@@ -137,7 +139,8 @@ def ray_vs_router(
                 rows = text_rows(replace(dist, seed=dist.seed + 2), tok, range(requests))
                 killed = _kill_one_under_load(app, rows, levels[0], load.clients_for(levels[0]))
                 progress(
-                    f"[ray] one replica killed: {killed['failed']} failed, {killed['lost']} cut short, "
+                    f"[ray] one replica killed: {killed['failed']} failed "
+                    f"({killed['failed_not_begun']} before a token), {killed['cut']} cut short, "
                     f"back after {killed['restart_s']} s"
                 )
         left += len(procs.marked(MARK, app.token))
@@ -145,13 +148,17 @@ def ray_vs_router(
     best_mode = max(modes, key=lambda m: (best_level(runs["ray_modes"][m]) or {}).get("tok_s") or 0)
     app_settings = runs["ray_modes"][best_mode]["settings"]
     result["ray_processes_left"] = left
-    result["ray_processes_left"] = len(procs.marked(MARK, app.token))
     with Replicas(model, gpu, settings=settings, echo=progress) as fleet:
         fleet.wait_all()
         urls = [s.url for s in fleet.servers]
         runs["router"] = serve_levels(
             fleet, dist, tok, rule, requests, levels, progress, metrics_urls=urls, label="ray: replicas + vllm-router"
         )
+    try:
+        two = _two_nodes(model, settings, gpu, progress)
+    except Exception as e:  # the other figures stand: say what failed
+        two = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+    runs["two_nodes"] = two
     batch = _batches(model, settings, out_dir, dist, tok, batch_rows, progress) if batch_rows else {}
     runs["batch"] = batch
     ray, router = best_level(runs["ray_modes"][best_mode]) or {}, best_level(runs["router"]) or {}
@@ -174,9 +181,55 @@ def ray_vs_router(
             for k in ("failed", "failed_not_begun", "cut", "restart_s", "completed", "requests", "under_load")
         },
         "batch": {k: batch.get(k) for k in ("rows", "engines", "useful_tok_s", "local_useful_tok_s")},
+        "two_nodes": {k: two.get(k) for k in ("nodes", "served", "recovered_s")},
         "runs": runs | {"ray_replica_killed": killed},
     }
     return result
+
+
+def _answered(app: RayServe, n: int) -> int:
+    """How many of ``n`` short chat requests the app answers."""
+    import httpx
+
+    body = {"model": app.served_model_name, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 16}
+    ok = 0
+    with httpx.Client(timeout=60) as client:
+        for _ in range(n):
+            try:
+                ok += client.post(app.base_url + "/chat/completions", json=body).status_code == 200
+            except httpx.HTTPError:
+                pass
+    return ok
+
+
+def _two_nodes(model: str | Path, settings: Settings, gpu: Any, progress: Callable) -> dict:
+    """The app on a Ray cluster of two nodes on this machine (``cluster.LocalCluster``, the proxy on the head): the
+    replicas per node, requests answered, then the worker node's raylet killed; ``recovered_s`` is the time until
+    Ray Serve reports every replica running again (on the node left) and the app answers."""
+    out: dict[str, Any] = {"nodes": 2}
+    with LocalCluster(settings.home, 2, echo=progress) as cluster:
+        on = {"address": cluster.address, "proxy_location": "HeadOnly", "echo": progress}
+        with RayServe(model, gpu, settings=settings, **on) as app:
+            out["replicas_per_node"] = cluster.replicas_per_node()
+            out["served"] = _answered(app, 32)
+            n = gpu.engines
+            cluster.kill_node(1)
+            killed = time.monotonic()
+            progress(f"[ray] two nodes: replicas per node {out['replicas_per_node']}; the worker node's raylet killed")
+            while time.monotonic() - killed < 600:
+                running = sum(
+                    s.get("RUNNING", 0)
+                    for name, s in app.status().get("deployments", {}).items()
+                    if name.startswith("LLMServer")
+                )
+                if running >= n and cluster.replicas_per_node()[1] == 0 and _answered(app, 1) == 1:
+                    out["recovered_s"] = round(time.monotonic() - killed, 1)
+                    break
+                time.sleep(1)
+            out["replicas_per_node_after"] = cluster.replicas_per_node()
+            out["served_after"] = _answered(app, 32)
+    progress(f"[ray] two nodes: {out['served']} of 32 answered, recovered after {out.get('recovered_s')} s")
+    return out
 
 
 def _batches(

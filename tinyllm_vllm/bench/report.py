@@ -257,6 +257,12 @@ def ray_table(result: dict) -> str:
         + ", ".join(f"{s['start_s']} s ({mode})" for mode, s in runs["ray_modes"].items())
         + ".",
     ]
+    two = result.get("two_nodes") or {}
+    if two.get("served") is not None:
+        rows.append(
+            f"On two Ray nodes of this machine: {two['served']} of 32 requests answered; the worker node's raylet "
+            f"killed, the app served again from the head after {two.get('recovered_s')} s."
+        )
     b = result.get("batch") or {}
     if b.get("useful_tok_s") and b.get("local_useful_tok_s"):
         rows.append(

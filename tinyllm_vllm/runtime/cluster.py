@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -128,6 +129,7 @@ class RayServe(ManagedProcess):
         port: int | None = None,
         autoscale: tuple[int, int] | None = None,
         throughput: bool = False,
+        proxy_location: str = "EveryNode",
         startup_timeout: float = 900.0,
         echo: Callable[[str], Any] | None = print,
     ) -> None:
@@ -136,6 +138,9 @@ class RayServe(ManagedProcess):
         self.config = serve_config(model, self.settings, replicas, autoscale, throughput)
         self.driver_env = throughput_env() if throughput else {}  # Serve reads it where it starts
         self.address, self.host, self.port = address, host, port
+        # Serve's HTTP proxy on every node (Ray's default), or on the head only: nodes that share one host (a
+        # LocalCluster) would all bind the same port
+        self.proxy_location = proxy_location
         self.token = uuid.uuid4().hex
         self.ready_s: float | None = None
 
@@ -168,6 +173,7 @@ class RayServe(ManagedProcess):
             str(self.port),
         ]
         cmd += ["--status", str(self.status_file)] + (["--address", self.address] if self.address else [])
+        cmd += ["--proxy-location", self.proxy_location]
         env = os.environ | {MARK: self.token, "PYTHONUNBUFFERED": "1"} | startup.cache_env(self.settings.home)
         env |= self.driver_env
         t0 = time.monotonic()
@@ -203,16 +209,8 @@ class RayServe(ManagedProcess):
             return {}
 
     def replica_pids(self) -> list[int]:
-        """The processes of the LLM server replicas (Ray names them ``ray::ServeReplica:...LLMServer...``)."""
-        out = []
-        for pid in procs.marked(MARK, self.token):
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::ServeReplica") and "LLMServer" in title:
-                out.append(pid)
-        return out
+        """The processes of the LLM server replicas of a Ray this app started."""
+        return llm_replica_pids(self.token)
 
     def stop(self, grace: float = 30.0) -> int | None:
         """Shut the app (and a Ray it started) down, then stop whatever Ray process is left of it."""
@@ -226,6 +224,108 @@ class RayServe(ManagedProcess):
         from tinyllm_vllm.client import openai_client
 
         return openai_client(self.base_url, timeout=timeout)
+
+
+def llm_replica_pids(token: str) -> list[int]:
+    """The LLM server replica processes marked ``token`` (Ray names them ``ray::ServeReplica:...LLMServer...``):
+    those of an app's own Ray (``RayServe.token``), or of one node of a ``LocalCluster`` (``node_tokens``)."""
+    out = []
+    for pid in procs.marked(MARK, token):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::ServeReplica") and "LLMServer" in title:
+            out.append(pid)
+    return out
+
+
+class LocalCluster:
+    """A Ray cluster of several nodes on this machine: ``ray start --head`` and ``ray start --address`` for each
+    other node, each with its own share of the CPUs and its own view of the GPU (``gpus`` each). Every process
+    a node starts carries that node's mark (``node_tokens``), so what runs where can be read, one node's raylet
+    killed (``kill_node``), and everything stopped. It shows scheduling, the plugin in workers of another
+    node and recovery from a lost node; not the network, shared storage or NCCL between real hosts."""
+
+    def __init__(self, home: Path, nodes: int = 2, gpus: float = 1, echo: Callable[[str], Any] | None = print):
+        self.home, self.nodes, self.gpus, self.echo = Path(home), nodes, gpus, echo
+        self.node_tokens = [uuid.uuid4().hex for _ in range(nodes)]
+        self.groups: list[Any] = []
+        self.port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> LocalCluster:
+        with procs.hold_port() as held:  # a free port for the head's GCS (Ray binds it itself)
+            self.port = held.getsockname()[1]
+        cpus = max(1, len(os.sched_getaffinity(0)) // self.nodes)
+        common = ["--num-cpus", str(cpus), "--num-gpus", str(self.gpus), "--block", "--disable-usage-stats"]
+        try:
+            for i, token in enumerate(self.node_tokens):
+                where = ["--head", "--port", str(self.port), "--include-dashboard=false"] if i == 0 else []
+                where = where or ["--address", self.address]
+                env = os.environ | {MARK: token} | startup.cache_env(self.home)
+                log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
+                self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
+                self._wait_nodes(i + 1, timeout)
+                if self.echo:
+                    self.echo(f"Ray node {i + 1}/{self.nodes} up ({'head' if i == 0 else 'worker'}, {cpus} CPUs)")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @staticmethod
+    def _ray_cli() -> str:
+        found = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        if not found:
+            raise ServerError("the ray command was not found: pip install 'tinyllm-vllm[cuda,ray]'")
+        return found
+
+    def alive_nodes(self) -> int:
+        """Nodes the cluster counts alive, asked of its GCS from a short process (this one stays out of Ray)."""
+        code = f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
+        code += "print(sum(n['Alive'] for n in ray.nodes()))"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else 0
+
+    def _wait_nodes(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive_nodes() < n:
+            if any(g.poll() is not None for g in self.groups):
+                raise ServerError(f"a Ray node exited during start-up (logs: {self.home / 'logs'}/ray-node-*)")
+            if time.monotonic() > deadline:
+                raise ServerError(f"the Ray cluster had fewer than {n} nodes after {timeout:.0f} s")
+            time.sleep(2)
+
+    def replicas_per_node(self) -> list[int]:
+        """LLM server replicas running on each node."""
+        return [len(llm_replica_pids(t)) for t in self.node_tokens]
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node ``i``'s raylet, as a host that fails would lose it; its workers go with it."""
+        for pid in procs.marked(MARK, self.node_tokens[i]):
+            try:
+                if b"raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue
+
+    def stop(self) -> None:
+        """Stop every node and whatever process any of them started."""
+        for g in reversed(self.groups):
+            procs.stop_group(g, grace=10)
+        for token in self.node_tokens:
+            procs.sweep(MARK, token)
+        self.groups = []
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _app_status(app: Any) -> dict[str, Any]:
@@ -252,6 +352,7 @@ def _driver(argv: list[str]) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="a running Ray cluster (default: start one on this machine)")
     p.add_argument("--status", help="write the replica states here every second")
+    p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"])
     a = p.parse_args(argv)
     import ray
     from ray import serve
@@ -264,7 +365,7 @@ def _driver(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(1))
     try:
-        serve.start(http_options={"host": a.host, "port": a.port})
+        serve.start(http_options={"host": a.host, "port": a.port}, proxy_location=a.proxy_location)
         serve.run(build_openai_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
         print(f"Ray Serve LLM: application {app['name']} deployed", flush=True)
         while not stopping:
