@@ -150,3 +150,31 @@ def test_a_batch_row_with_a_bad_field_is_named(tmp_path):
     assert r.returncode == 1 and f"{path}:2: field 'max_tokens' is 'many', expected int" in r.stderr, r.stderr
     path.write_text(json.dumps(good) + "\n")
     assert read_rows(path) == [{"custom_id": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}]
+
+
+def test_a_batch_on_ray_data_llm_gives_the_demo_answers_in_order_and_leaves_nothing(demo_dir, tmp_path):
+    """``generate --input --ray`` on Ray Data LLM (Ray's own, started here; vLLM's CPU build in its engine actor,
+    the plugin loaded through the entry point): the model's greedy answers in input order, the rows' own fields
+    kept, a second run finds nothing left to do, and no process of that Ray outlives the command."""
+    from tinyllm_vllm.runtime.cluster import MARK
+    from tinyllm_vllm.runtime.procs import marked
+
+    questions = list(corpus_answers())[:6]
+    rows = [{"id": f"q{i}", "prompt": q} for i, q in enumerate(questions)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    token = f"test-{os.getpid()}"  # the command marks its Ray with this (it keeps a mark it is given)
+    env = os.environ | {"TINYLLM_HOME": str(tmp_path / "home"), "TINYLLM_KV_CACHE_GB": "0.25", MARK: token}
+    args = ["generate", "--model", str(demo_dir), "--input", str(tmp_path / "in.jsonl"), "--ray"]
+    args += ["--output", str(tmp_path / "out.jsonl"), "--max-tokens", "64", "--engines", "1"]
+    r = cli(*args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "6 of 6 rows to generate on Ray Data LLM with 1 engine(s)" in r.stderr, r.stderr[-3000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    answers = corpus_answers()
+    assert [o["id"] for o in out] == [r["id"] for r in rows] and [o["index"] for o in out] == list(range(6))
+    assert [o["text"] for o in out] == [answers[q] for q in questions]
+    assert all(o["finish_reason"] == "stop" and 0 < o["output_tokens"] < 64 for o in out), out
+    assert not (tmp_path / "out.jsonl.parts").exists()
+    assert not marked(MARK, token), "a process of the batch's Ray outlived the command"
+    again = cli(*args, env=env)
+    assert again.returncode == 0 and "all 6 rows were done before" in again.stderr, again.stderr[-2000:]

@@ -4,6 +4,8 @@
     tinyllm-vllm generate --input rows.jsonl --output out.jsonl --ray --ray-address auto   # a running cluster
     tinyllm-vllm generate --input rows.jsonl --output out.jsonl --ray --print-config       # no Ray needed
 
+Ray Data LLM runs next to either build of vLLM, the CPU one too (the ``ray-data`` extra); the tests run it.
+
 The rows are read and checked as the local batch reads them (``batch.read_rows``), and each becomes the
 prompt the local batch would give its engine, as text, with its own sampling fields. Ray Data LLM's vLLM
 stage sends that text to vLLM, which adds the tokenizer's prefix (``[gMASK]sop``) itself: a chat's text
@@ -22,10 +24,10 @@ when a row made its ``max_tokens``, ``stop`` otherwise.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ from typing import Any
 from tinyllm_vllm.batch import SAMPLING_FIELDS, BatchJob, done_indices, read_rows, write_output
 from tinyllm_vllm.errors import TinyllmError
 from tinyllm_vllm.model.plugin import OWN_DP_PORT
-from tinyllm_vllm.runtime import startup
+from tinyllm_vllm.runtime import procs, startup
+from tinyllm_vllm.runtime.cluster import MARK
 from tinyllm_vllm.runtime.plan import plan, share
 from tinyllm_vllm.settings import Settings
 
@@ -93,12 +96,12 @@ def ray_rows(tokenizer: Any, job: BatchJob, rows: list[dict], todo: list[int]) -
     return out
 
 
-def check_ray(settings: Settings) -> None:
-    if settings.device != "cuda" or importlib.util.find_spec("ray") is None:
-        raise TinyllmError(
-            "--ray needs Ray Data LLM and the CUDA build of vLLM 0.26: pip install 'tinyllm-vllm[cuda,ray]' "
-            "(on the CPU build Ray's LLM stages do not import; --print-config shows the processor's config)"
-        )
+def check_ray() -> None:
+    """Ray Data LLM imports next to either vLLM build (the CPU one too); say what to install where it does not."""
+    try:
+        import ray.data.llm  # noqa: F401
+    except ImportError as e:
+        raise TinyllmError(f"--ray needs Ray Data LLM: pip install 'tinyllm-vllm[ray-data]' ({e})") from None
 
 
 def run_ray_batch(
@@ -112,7 +115,7 @@ def run_ray_batch(
     to a part file as it comes back, the output in input order. Returns rows, engines, tokens and seconds."""
     if job.output is None:
         raise TinyllmError("--input needs --output FILE (results, in input order)")
-    check_ray(settings)
+    check_ray()
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
     from transformers import AutoTokenizer
@@ -130,8 +133,11 @@ def run_ray_batch(
         echo(f"{len(todo)} of {len(rows)} rows to generate on Ray Data LLM with {config['concurrency']} engine(s)")
         started = not ray.is_initialized()
         if started:
-            # the plugin reaches Ray's workers through its entry point: the package is installed on every node
-            ray.init(address=address, log_to_driver=False)
+            # every process of a Ray started here carries the mark, so none outlives the command (stop, below)
+            token = os.environ.setdefault(MARK, uuid.uuid4().hex)
+            # the plugin reaches Ray's workers through its entry point: the package is installed on every node;
+            # "local": a Ray of its own even where `ray start` left /tmp/ray/ray_current_cluster behind
+            ray.init(address=address or "local", log_to_driver=False)
         processor = build_processor(vLLMEngineProcessorConfig(**config), postprocess=_result)
         job.parts.mkdir(parents=True, exist_ok=True)
         part = job.parts / f"part-ray-{os.getpid()}.jsonl"
@@ -162,6 +168,8 @@ def run_ray_batch(
         finally:
             if started:
                 ray.shutdown()
+                if not address:
+                    procs.sweep(MARK, token)
         end = time.time()
         summary |= {"output_tokens": tokens, "generate_s": end - (first or end)}
         summary["whole_tok_s"] = tokens / max(1e-9, end - t0)

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -252,6 +253,7 @@ class LocalCluster:
         self.node_tokens = [uuid.uuid4().hex for _ in range(nodes)]
         self.groups: list[Any] = []
         self.port: int | None = None
+        self.temp_dir: Path | None = None
 
     @property
     def address(self) -> str:
@@ -262,11 +264,17 @@ class LocalCluster:
             self.port = held.getsockname()[1]
         cpus = max(1, len(os.sched_getaffinity(0)) // self.nodes)
         common = ["--num-cpus", str(cpus), "--num-gpus", str(self.gpus), "--block", "--disable-usage-stats"]
+        common += ["--node-ip-address", "127.0.0.1"]  # one machine: every node on the loopback
+        # Ray's session files in a folder of this cluster's: `ray start --head` otherwise names itself the
+        # machine's current cluster (/tmp/ray/ray_current_cluster), which every later ray.init() without an
+        # address would try to join, long after this cluster is gone (a short path: Ray's sockets live there)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="tinyllm-ray-"))
         try:
             for i, token in enumerate(self.node_tokens):
                 where = ["--head", "--port", str(self.port), "--include-dashboard=false"] if i == 0 else []
                 where = where or ["--address", self.address]
-                env = os.environ | {MARK: token} | startup.cache_env(self.home)
+                where += ["--temp-dir", str(self.temp_dir)] if i == 0 else []
+                env = os.environ | {MARK: token, "RAY_TMPDIR": str(self.temp_dir)} | startup.cache_env(self.home)
                 log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
                 self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
                 self._wait_nodes(i + 1, timeout)
@@ -287,9 +295,11 @@ class LocalCluster:
     def alive_nodes(self) -> int:
         """Nodes the cluster counts alive, asked of its GCS from a short process (this one stays out of Ray)."""
         code = f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-        code += "print(sum(n['Alive'] for n in ray.nodes()))"
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else 0
+        code += "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
+        env = os.environ | {"RAY_TMPDIR": str(self.temp_dir)}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        said = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("ALIVE ")]  # Ray prints too
+        return int(said[-1]) if r.returncode == 0 and said else 0
 
     def _wait_nodes(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -320,6 +330,8 @@ class LocalCluster:
         for token in self.node_tokens:
             procs.sweep(MARK, token)
         self.groups = []
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -359,7 +371,8 @@ def _driver(argv: list[str]) -> None:
     from ray.serve.llm import build_openai_app
 
     app = json.loads(Path(a.config).read_text())["applications"][0]
-    ray.init(address=a.address, include_dashboard=False, log_to_driver=True)
+    # "local": a Ray of its own even where `ray start` left /tmp/ray/ray_current_cluster behind
+    ray.init(address=a.address or "local", include_dashboard=False, log_to_driver=True)
     # after ray.init: it installs handlers of its own that end the driver on SIGTERM without shutting down
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
