@@ -16,7 +16,20 @@ LAB_ARGS ?=
 
 .PHONY: install test test-fast lint reliability demo lab notebooks clean
 
-install: $(STAMP)
+# Ray's tests run from .venv-ray: Ray Data on top of .venv (vLLM imports Ray in each of its processes where Ray is
+# installed, seconds per process, so the main environment goes without it)
+RAY_VENV ?= .venv-ray
+RAY_STAMP := $(RAY_VENV)/.tinyllm-installed
+
+install: $(STAMP) $(RAY_STAMP)
+
+$(RAY_STAMP): $(STAMP)
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	# .venv's packages (and the kit, installed there) are seen from .venv-ray, after Ray's own
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python$$($(PY) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')/site-packages')" \
+	  > $$($(RAY_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tinyllm-main-venv.pth
+	$(RAY_VENV)/bin/python -m pip install -q -e ".[ray-data]"
+	touch $(RAY_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,4 +76,4 @@ notebooks: install
 	$(VENV)/bin/nbstripout notebooks/0*.ipynb
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(RAY_VENV) .pytest_cache

@@ -85,9 +85,19 @@ def kill_everything(proc, groups: list[int]) -> None:
     proc.wait()
 
 
-def cli(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+def ray_python() -> str:
+    """The Python of ``make install``'s .venv-ray: this environment's packages plus Ray Data (Ray stays out of
+    the main one: vLLM imports it in every engine process where it is installed)."""
+    python = Path(os.environ.get("TINYLLM_RAY_VENV", ROOT / ".venv-ray")) / "bin" / "python"
+    assert python.exists(), f"{python} is missing: make install creates it (Ray's tests run from it)"
+    return str(python)
+
+
+def cli(
+    *args: str, env: dict | None = None, timeout: float = 600, python: str = sys.executable, **kw
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tinyllm_vllm.cli", *args],
+        [python, "-m", "tinyllm_vllm.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ import pytest
 
 from tinyllm_vllm.model.demo import corpus_answers
 
-from helpers import cli
+from helpers import cli, ray_python
 
 
 def _written(parts) -> list[dict]:
@@ -166,7 +166,7 @@ def test_a_batch_on_ray_data_llm_gives_the_demo_answers_in_order_and_leaves_noth
     env = os.environ | {"TINYLLM_HOME": str(tmp_path / "home"), "TINYLLM_KV_CACHE_GB": "0.25", MARK: token}
     args = ["generate", "--model", str(demo_dir), "--input", str(tmp_path / "in.jsonl"), "--ray"]
     args += ["--output", str(tmp_path / "out.jsonl"), "--max-tokens", "64", "--engines", "1"]
-    r = cli(*args, env=env)
+    r = cli(*args, env=env, python=ray_python())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "6 of 6 rows to generate on Ray Data LLM with 1 engine(s)" in r.stderr, r.stderr[-3000:]
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -176,5 +176,5 @@ def test_a_batch_on_ray_data_llm_gives_the_demo_answers_in_order_and_leaves_noth
     assert all(o["finish_reason"] == "stop" and 0 < o["output_tokens"] < 64 for o in out), out
     assert not (tmp_path / "out.jsonl.parts").exists()
     assert not marked(MARK, token), "a process of the batch's Ray outlived the command"
-    again = cli(*args, env=env)
+    again = cli(*args, env=env, python=ray_python())
     assert again.returncode == 0 and "all 6 rows were done before" in again.stderr, again.stderr[-2000:]

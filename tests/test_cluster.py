@@ -22,6 +22,8 @@ from tinyllm_vllm.runtime.procs import marked as marked_with
 from tinyllm_vllm.runtime.procs import sweep as sweep_with
 from tinyllm_vllm.settings import Settings
 
+from helpers import ray_python
+
 
 def _llm(config: dict) -> dict:
     (app,) = config["applications"]
@@ -190,30 +192,51 @@ def test_batch_on_ray_data_config_and_prompts(demo_dir, tmp_path, monkeypatch):
     from tinyllm_vllm.cli import main
 
     monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "home"))
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(SystemExit) as e:  # this environment goes without Ray (make install puts it in .venv-ray)
+        main(["generate", "--model", str(demo_dir), "--input", str(rows_file), "--output", out, "--ray"])
+    assert "--ray needs Ray Data LLM: pip install 'tinyllm-vllm[ray-data]'" in str(e.value.code)
     with pytest.raises(SystemExit) as e:
         main(["generate", "--model", str(demo_dir), "hello", "--ray"])
     assert "--ray, --ray-address and --print-config go with --input FILE" in str(e.value.code)
 
 
 def test_a_local_cluster_of_two_nodes_loses_one_and_stops_clean(tmp_path):
-    """``LocalCluster`` on Ray's core (CPU): two nodes join; the worker node's raylet killed, the cluster counts one
-    node alive; on stop no process of either node is left."""
-    from tinyllm_vllm.runtime.cluster import LocalCluster
-
-    said: list[str] = []
-    cluster = LocalCluster(tmp_path, 2, gpus=0, echo=said.append)
-    with cluster:
-        assert cluster.alive_nodes() == 2
-        assert [line.split(",")[0] for line in said] == ["Ray node 1/2 up (head", "Ray node 2/2 up (worker"]
-        assert all(marked_with(MARK, token) for token in cluster.node_tokens)  # each node's processes carry its mark
-        cluster.kill_node(1)
-        deadline = time.monotonic() + 120
-        while cluster.alive_nodes() > 1:
-            assert time.monotonic() < deadline, "the head still counts the killed node alive after 120 s"
-            time.sleep(1)
-        assert cluster.replicas_per_node() == [0, 0]
-    assert not any(marked_with(MARK, token) for token in cluster.node_tokens)
-    # the cluster never named itself this machine's current one (where ray.init() without an address looks)
+    """``LocalCluster`` on Ray's core (CPU, from .venv-ray): two nodes join; the worker node's raylet killed, the
+    cluster counts one node alive; on stop no process of either node is left, and the cluster never named itself
+    this machine's current one (where ray.init() without an address looks)."""
+    script = tmp_path / "two_nodes.py"
+    script.write_text(LOCAL_CLUSTER_SCRIPT)
+    r = subprocess.run([ray_python(), str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.splitlines()[-1])
+    assert [line.split(",")[0] for line in seen["said"]] == ["Ray node 1/2 up (head", "Ray node 2/2 up (worker"]
+    assert seen["alive"] == 2 and seen["marked"] == [True, True]  # each node's processes carry its own mark
+    assert seen["alive_after_kill"] == 1 and seen["replicas"] == [0, 0]
+    assert not any(marked_with(MARK, token) for token in seen["tokens"])
     current = Path("/tmp/ray/ray_current_cluster")
-    assert not (current.exists() and current.read_text().strip() == cluster.address), current.read_text()
-    assert not cluster.temp_dir.exists()
+    assert not (current.exists() and current.read_text().strip() == seen["address"]), current.read_text()
+    assert not Path(seen["temp_dir"]).exists()
+
+
+LOCAL_CLUSTER_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+from tinyllm_vllm.runtime.cluster import MARK, LocalCluster
+from tinyllm_vllm.runtime.procs import marked
+
+said = []
+cluster = LocalCluster(Path(sys.argv[1]), 2, gpus=0, echo=said.append)
+seen = {"said": said}
+with cluster:
+    seen["alive"] = cluster.alive_nodes()
+    seen["marked"] = [bool(marked(MARK, token)) for token in cluster.node_tokens]
+    cluster.kill_node(1)
+    deadline = time.monotonic() + 120
+    while cluster.alive_nodes() > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    seen["alive_after_kill"] = cluster.alive_nodes()
+    seen["replicas"] = cluster.replicas_per_node()
+seen |= {"tokens": cluster.node_tokens, "address": cluster.address, "temp_dir": str(cluster.temp_dir)}
+print(json.dumps(seen))
+"""

@@ -137,8 +137,17 @@ def run_ray_batch(
             token = os.environ.setdefault(MARK, uuid.uuid4().hex)
             # the plugin reaches Ray's workers through its entry point: the package is installed on every node;
             # "local": a Ray of its own even where `ray start` left /tmp/ray/ray_current_cluster behind
-            ray.init(address=address or "local", log_to_driver=False)
-        processor = build_processor(vLLMEngineProcessorConfig(**config), postprocess=_result)
+            kw = {} if address else {"include_dashboard": False}  # a Ray of its own: no dashboard processes to start
+            ray.init(address=address or "local", log_to_driver=False, **kw)
+        # the row steps around the engine are light: a tenth of a CPU each, so they never wait for the CPU an
+        # engine holds (on a machine of few cores they would otherwise run only between the engine's batches)
+        light = {"num_cpus": 0.1}
+        processor = build_processor(
+            vLLMEngineProcessorConfig(**config),
+            postprocess=_result,
+            preprocess_map_kwargs=light,
+            postprocess_map_kwargs=light,
+        )
         job.parts.mkdir(parents=True, exist_ok=True)
         part = job.parts / f"part-ray-{os.getpid()}.jsonl"
         limits = {x["index"]: x["sampling_params"]["max_tokens"] for x in items}

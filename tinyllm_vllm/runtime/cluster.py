@@ -289,7 +289,7 @@ class LocalCluster:
     def _ray_cli() -> str:
         found = shutil.which("ray", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         if not found:
-            raise ServerError("the ray command was not found: pip install 'tinyllm-vllm[cuda,ray]'")
+            raise ServerError("the ray command was not found: pip install 'tinyllm-vllm[ray-data]'")
         return found
 
     def alive_nodes(self) -> int:
