@@ -258,6 +258,13 @@ def _follow(job: BatchJob, workers: list, before: int, total: int, echo: Callabl
         time.sleep(1)
 
 
+def result_row(index: int, row: dict, text: str, output_tokens: int, finish_reason: str | None) -> dict:
+    """One output line: the row's index and its own keys (an ``id``, ``custom_id``), less its prompt and
+    sampling fields, then what the engine made."""
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", *SAMPLING_FIELDS)}
+    return {"index": index, **extra, "text": text, "output_tokens": output_tokens, "finish_reason": finish_reason}
+
+
 class _PartWriter:
     """Appends each finished row to a part file: flushed at once, synced to disk at least every ``SYNC_S``."""
 
@@ -270,11 +277,9 @@ class _PartWriter:
 
     def write(self, done: Done) -> None:
         i = done.key
-        extra = {k: v for k, v in self.rows[i].items() if k not in ("prompt", "messages", *SAMPLING_FIELDS)}
         # the engine does not detokenize (the stops are token ids): the text is decoded once, here
         text = self.tok.decode(done.token_ids, skip_special_tokens=True)
-        result = {"index": i, **extra, "text": text, "output_tokens": len(done.token_ids)}
-        result["finish_reason"] = done.finish_reason
+        result = result_row(i, self.rows[i], text, len(done.token_ids), done.finish_reason)
         self.file.write(json.dumps(result, ensure_ascii=False) + "\n")
         self.file.flush()
         self.output_tokens += len(done.token_ids)

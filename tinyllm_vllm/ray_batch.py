@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tinyllm_vllm.batch import SAMPLING_FIELDS, BatchJob, done_indices, read_rows, write_output
+from tinyllm_vllm.batch import SAMPLING_FIELDS, SYNC_S, BatchJob, done_indices, read_rows, result_row, write_output
 from tinyllm_vllm.errors import TinyllmError
 from tinyllm_vllm.model.plugin import OWN_DP_PORT
 from tinyllm_vllm.runtime import procs, startup
@@ -156,14 +156,13 @@ def run_ray_batch(
             with open(part, "a") as f:
                 for n, row in enumerate(processor(ray.data.from_items(items)).iter_rows(), 1):
                     first = first or time.time()
-                    extra = {k: v for k, v in rows[row["index"]].items() if k not in ("prompt", "messages")}
-                    extra = {k: v for k, v in extra.items() if k not in SAMPLING_FIELDS}
-                    result = {"index": row["index"], **extra, "text": row["text"], "output_tokens": row["tokens"]}
-                    result["finish_reason"] = "length" if row["tokens"] >= limits[row["index"]] else "stop"
+                    i = row["index"]
+                    finish = "length" if row["tokens"] >= limits[i] else "stop"
+                    result = result_row(i, rows[i], row["text"], row["tokens"], finish)
                     f.write(json.dumps(result, ensure_ascii=False) + "\n")
                     f.flush()
                     tokens += row["tokens"]
-                    if time.monotonic() - synced >= 1.0:
+                    if time.monotonic() - synced >= SYNC_S:
                         os.fsync(f.fileno())
                         synced = time.monotonic()
                     if (len(done) + n) * 10 // len(rows) > last_tenth:
