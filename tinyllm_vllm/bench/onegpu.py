@@ -3,18 +3,18 @@
 In one run on one machine, on one chat-like request stream (one seed), every figure timed by the
 measurement rule (``rule``: at least 20 s and 8x the requests in flight, warm-up on other requests):
 
-* offline: one engine with vLLM's defaults (one run), then the plan's N
-  engines side by side (the ``mp`` executor, each on 1/N of the memory, timed together, every repeat):
-  the headline;
+* offline: the plan's N engines side by side (the ``mp`` executor, each on 1/N of the memory, timed
+  together, every repeat): the headline;
 * the kit's batch path: ``generate --input`` on ``batch_rows`` rows of the same stream with those N
   engines, against the headline;
 * serving through one endpoint: the kit's default deployment (``serve --replicas auto``: the replicas
   behind vllm-router), warmed on other requests, then loaded at each level by client processes started
   behind a barrier (``load``), each repeat on its own requests; vLLM's ``/metrics`` of every replica are
   read during each level;
-* one run each: transformers at its best (static cache with compile at the given batch size, static
-  batches one after another), vLLM's own Qwen2 class on the same weights, and the scan's other engine
-  counts (last, so that a run cut short keeps every headline; a count that beats the plan's is named).
+* then the baselines, one run each (last, so that a run cut short keeps every headline): one engine with
+  vLLM's defaults, vLLM's own Qwen2 class on the same weights, transformers at its best (static cache with
+  compile at the given batch size, static batches one after another), and the scan's other engine counts
+  (a count that beats the plan's is named).
 """
 
 from __future__ import annotations
@@ -93,9 +93,6 @@ def one_gpu(
         return combined_steady([r], s.rule) | {"engines": 1}
 
     offline = runs["offline"] = {}
-    # the baseline the plan is read against, not a headline: one run by the rule, as the scan's other counts
-    single = replace(spec, rule=asdict(replace(rule, repeats=1)))
-    offline["single_engine"] = step("one engine, vLLM defaults (one run)", engine(single))
     mp = replace(spec, engine_args=spec.engine_args | gpu.engine_options)
     scanned = runs["plan_scan"] = []
 
@@ -124,12 +121,16 @@ def one_gpu(
         runs["serving"] = {"error": f"{type(e).__name__}: {e}", "levels": []}
     if save:
         save(result)
+    # the baselines, one run each by the rule, after every headline: a run cut short keeps the headlines.
+    # One engine with vLLM's defaults is what the plan is read against
+    single = replace(spec, rule=asdict(replace(rule, repeats=1)))
+    offline["single_engine"] = step("one engine, vLLM defaults (one run)", engine(single))
+    # a comparison of two model classes on the same weights
+    qwen2 = replace(spec, engine="qwen2", rule=asdict(replace(rule, repeats=1)))
+    offline["qwen2"] = step("vLLM's Qwen2 class (one run)", engine(qwen2))
     hf = replace(spec, engine="transformers_static", hf_batch_sizes=hf_batch_sizes, hf_caches=("static",))
     hf = replace(hf, rule=asdict(replace(rule, repeats=1)))  # the baseline, as the scan: one run by the rule
     offline["transformers"] = step("transformers at its best (one run)", engine(hf, timeout=1800))
-    # a comparison of two model classes on the same weights, not a headline: one run by the rule
-    qwen2 = replace(spec, engine="qwen2", rule=asdict(replace(rule, repeats=1)))
-    offline["qwen2"] = step("vLLM's Qwen2 class (one run)", engine(qwen2))
     # the other counts last, one run each: a run cut short still has every headline; a count that beats the
     # plan's in its one run is named in the summary (``scan_winner``), for the plan to be measured again
     for k in scan:
@@ -272,7 +273,7 @@ def summary(r: dict) -> dict:
     all_runs = [x for lv in srv["levels"] for x in lv["runs"]]
     best_tok = best.get("useful_tok_s")
     missing = [k for k in ("batch", "serving") if k not in r["runs"]]
-    missing += [k for k in ("transformers", "qwen2") if k not in off]
+    missing += [k for k in ("single_engine", "qwen2", "transformers") if k not in off]
     scan = [x for x in r["runs"]["plan_scan"] if "useful_tok_s" in x]
     winner = max(scan, key=lambda x: x["useful_tok_s"], default={}).get("engines")
     return {
@@ -308,7 +309,7 @@ def summary(r: dict) -> dict:
             "failed": sum(x["failed"] for x in all_runs),
             "client_overlap_min": min((x["client_overlap"] for x in all_runs), default=None),
         },
-        "single_engine_useful_tok_s": off["single_engine"].get("useful_tok_s"),
+        "single_engine_useful_tok_s": off.get("single_engine", {}).get("useful_tok_s"),
         "qwen2_useful_tok_s": off.get("qwen2", {}).get("useful_tok_s"),
         "transformers_best_useful_tok_s": hf.get("useful_tok_s"),
         "transformers_best_settings": {
@@ -332,6 +333,7 @@ def summary(r: dict) -> dict:
                 if k in x
             }
             | {"gpu_busy": x["runs"][0].get("gpu_busy") if x.get("runs") else None}
-            for x in [off["single_engine"] | {"engine_options": "vLLM's defaults"}, *r["runs"]["plan_scan"]]
+            for x in [off[k] | {"engine_options": "vLLM's defaults"} for k in ("single_engine",) if k in off]
+            + r["runs"]["plan_scan"]
         ],
     }
