@@ -5,6 +5,7 @@ tinyllm-vllm bench report results/gpu/one_gpu.json                  # its headli
 tinyllm-vllm bench walkthrough --json results/gpu/walkthrough.json  # the notebooks, timed, with every start
 tinyllm-vllm bench html results/gpu/notebooks                       # executed notebooks (--executed) as HTML
 tinyllm-vllm bench starts --json results/gpu/starts.json            # where an engine's start goes
+tinyllm-vllm bench starts --starts serve --json serve_starts.json   # serve alone: first answer, full capacity
 tinyllm-vllm bench ray --json ray_serve.json                        # Ray Serve LLM against the kit's replicas
 tinyllm-vllm bench offline --workload chat --requests 1024 --json chat.json
 tinyllm-vllm bench offline --workload fixed --input-len 128 --output-len 128 --json fixed.json
@@ -65,6 +66,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--ray-batch-rows", type=int, default=16384, help="ray: rows of the batch on Ray Data LLM and locally (0: none)"
     )
     p.add_argument("--levels", type=int, nargs="+", default=[1024, 2048], help="one-gpu, ray: requests in flight")
+    p.add_argument(
+        "--starts",
+        nargs="+",
+        choices=["offline", "server", "serve"],
+        default=["offline", "server", "serve"],
+        help="starts: which to time: offline engines, one vllm serve, the kit's serve in a fresh and a warm home",
+    )
     p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")
     p.add_argument("--model", help="prepared dir, hub id, modelscope:ID, demo or auto (default: $TINYLLM_MODEL)")
     p.add_argument("--workload", choices=["chat", "fixed"], default="chat")
@@ -165,7 +173,7 @@ def run(a: argparse.Namespace, s: Settings) -> None:
     elif a.what == "starts":
         from tinyllm_vllm.bench.starts import starts
 
-        result = starts(model, s, out_dir / "starts-work", a.requests)
+        result = starts(model, s, out_dir / "starts-work", a.requests, parts=tuple(a.starts))
     elif a.what == "ray":
         from tinyllm_vllm.bench.ray_serve import ray_vs_router
         from tinyllm_vllm.rule import Rule

@@ -60,10 +60,19 @@ def _recorded(home: Path, since: float) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in startup.read_starts(home) if r["at"] >= since]
 
 
+STARTS = ("offline", "server", "serve")
+
+
 def starts(
-    model: str | Path, settings: Settings, out_dir: Path, requests: int = 1024, progress: Callable = print
+    model: str | Path,
+    settings: Settings,
+    out_dir: Path,
+    requests: int = 1024,
+    progress: Callable = print,
+    parts: tuple[str, ...] = STARTS,
 ) -> dict:
-    """Time each start (see the module's docstring) in a fresh kit home and compile cache under ``out_dir``."""
+    """Time each start (see the module's docstring) in a fresh kit home and compile cache under ``out_dir``;
+    ``parts`` picks which of them (``STARTS``), each in the order above."""
     home = out_dir / "home"
     settings = settings.replace(home=home)
     os.environ["VLLM_CACHE_ROOT"] = str(home / "vllm-cache")  # fresh: the first start compiles
@@ -71,7 +80,8 @@ def starts(
     path, description = prepare_workload(model, ChatLike(requests=requests), out_dir)
     base = EngineSpec(str(model), str(path), engine_args=settings.engine_options() | gpu.engine_options)
     logs = home / "logs"
-    result: dict[str, Any] = {"kind": "starts", "machine": machine(), "workload": description, "starts": []}
+    result: dict[str, Any] = {"kind": "starts", "machine": machine(), "workload": description, "timed": list(parts)}
+    result["starts"] = []
     out = result["starts"]
 
     def step(r: dict) -> None:
@@ -79,6 +89,24 @@ def starts(
         line = f"{r['seconds']} s" if "seconds" in r else f"failed: {r.get('error', '')[-300:]}"
         progress(f"[starts] {r['what']}: {line} {r.get('timeline', '')}")
 
+    if "offline" in parts:
+        _offline_starts(base, logs, step)
+    if "server" in parts:
+        t = time.time()
+        try:
+            with VLLMServer(model, settings=settings, echo=None):
+                pass
+        except Exception as e:  # a failed server start is a result too; what started is stopped already
+            out.append({"what": "server", "error": str(e)[-2000:]})
+        for r in _recorded(home, t):
+            step(r)
+    if "serve" in parts:
+        result["serve"] = _serve_starts(model, settings, out_dir / "serve-home", progress)
+    result["persistence_mode"] = _persistence_mode()
+    return summarized(result)
+
+
+def _offline_starts(base: EngineSpec, logs: Path, step: Callable[[dict], None]) -> None:
     step(_offline(base, "offline engine, first start", logs / "offline-1.log"))
     step(_offline(base, "offline engine, again", logs / "offline-2.log"))
     holder = procs.start_group([sys.executable, "-c", HOLD_CUDA], logs / "cuda-holder.log", pipes=True)
@@ -90,27 +118,20 @@ def starts(
     for level in (1, 0):
         light = replace(base, engine_args=base.engine_args | {"optimization_level": level})
         step(_offline(light, f"offline engine, -O{level}, first start", logs / f"offline-O{level}.log"))
-    t = time.time()
-    try:
-        with VLLMServer(model, settings=settings, echo=None):
-            pass
-    except Exception as e:  # a failed server start is a result too; what started is stopped already
-        out.append({"what": "server", "error": str(e)[-2000:]})
-    for r in _recorded(home, t):
-        step(r)
-    serve_home = out_dir / "serve-home"
+
+
+def _serve_starts(model: str | Path, settings: Settings, serve_home: Path, progress: Callable) -> list[dict]:
     os.environ["VLLM_CACHE_ROOT"] = str(serve_home / "vllm-cache")  # fresh again: the first serve compiles
-    result["serve"] = []
+    out = []
     for label in ("fresh home", "same home again"):
         r = serve_start(model, settings.replace(home=serve_home), label)
-        result["serve"].append(r)
+        out.append(r)
         progress(
             f"[starts] serve, {label}: first answer after {r.get('first_answer_s')} s, all {r.get('replicas')} "
             f"replicas after {r.get('all_replicas_s')} s, {r.get('failed_during_joins')} of "
             f"{r.get('requests_during_joins')} requests failed during the joins {r.get('error', '')}"
         )
-    result["persistence_mode"] = _persistence_mode()
-    return summarized(result)
+    return out
 
 
 def serve_start(model: str | Path, settings: Settings, label: str, clients: int = 8) -> dict:
