@@ -43,6 +43,7 @@ def test_four_replicas_share_one_gpu(demo_dir, tmp_path):
     # vLLM's Ray worker asks for VLLM_RAY_PER_WORKER_GPUS of a GPU: it must fit the bundle
     env = llm["runtime_env"]["env_vars"]
     assert env["VLLM_RAY_PER_WORKER_GPUS"] == "0.25" and env["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm-cache")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "vllm-cache" / "triton")  # not ~/.triton: the home has it all
     assert env[OWN_DP_PORT] == "1"  # each replica's engine takes its own port (next test)
     expected = share(gpu, 4).engine_options()
     assert {k: v for k, v in llm["engine_kwargs"].items() if k != "chat_template"} == expected

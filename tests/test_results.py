@@ -1,6 +1,7 @@
 """The README's GPU numbers are the committed results': every number it quotes is in the file it names."""
 
 import json
+import re
 
 from helpers import ROOT
 
@@ -19,31 +20,35 @@ def test_the_headline_keys_are_rebuilt_from_the_runs_unchanged():
 
 def test_readme_quotes_one_gpu_json():
     """The README's steady-state numbers are the file's; the serving figures the file lacks (the run was cut
-    short) are the run's own progress lines in one_gpu.log."""
+    short) are the run's own progress lines in one_gpu.log; what the run did not measure is said."""
     s = _summary()
     scan = {x["engines"]: x["useful_tok_s"] for x in s["plan_scan"]}
     numbers = {
         "one engine": s["single_engine_useful_tok_s"],
         "the best offline configuration": s["best_offline"]["useful_tok_s"],
-        "4 engines": scan[4],
+        "4 engines": scan.get(4),
         "the batch": s["batch"]["useful_tok_s"],
         "the batch's rows": s["batch"]["rows"],
     }
     for readme in (ROOT / "README.md", ROOT / "results" / "gpu" / "README.md"):
         text = readme.read_text()
         for what, value in numbers.items():
-            assert f"{value:,.0f}" in text, f"{readme.name}: {what} {value:,.0f} not quoted"
+            if value is not None:
+                assert f"{value:,.0f}" in text, f"{readme.name}: {what} {value:,.0f} not quoted"
     text = (ROOT / "README.md").read_text()
     assert f"{s['batch']['over_best_offline']:.2f}x the best offline figure" in text
     lo, hi = s["best_offline"]["spread"]
     assert f"({lo:,.0f}-{hi:,.0f})" in text
     assert f"{s['best_offline']['engines']} engines" in text and f"{s['best_offline']['gpu_busy']:.0%}" in text
     log = (ROOT / "results" / "gpu" / "one_gpu.log").read_text()
-    served = [line for line in log.splitlines() if line.startswith("[one-gpu] serving")]
-    assert served and all(", 0 failed, overlap 100%" in line for line in served)
-    for line in served:
-        steady = line.split(": ", 1)[1].split(" output tok/s")[0]
+    served = re.findall(
+        r"^\[one-gpu(?:\] |: )serving\]? \d+ in flight, run \d+: ([\d,]+) output tok/s steady.*$", log, re.M
+    )
+    assert served and all(", 0 failed, overlap 100%" in line for line in log.splitlines() if "in flight, run" in line)
+    for steady in served:
         assert steady in text, f"README: the served figure {steady} of the log is not quoted"
+    first, every = re.search(r"serving: first answer after (\d+) s, all replicas after (\d+) s", log).groups()
+    assert f"first answer after {first} s" in text and f"all after {every} s" in text
     if not s["complete"]:  # a run cut short says what it lacks
         assert "Not measured in this run (it was cut short)" in text
 
@@ -81,6 +86,27 @@ def test_readmes_quote_starts_json():
         for key in keys:
             assert f"{s[key]:.1f} s" in text or f"| {s[key]:.1f} |" in text, f"{readme.name}: {key} {s[key]} not quoted"
     assert s["server_compile_cache_hit"] is True and s["replicas"] == 4
+
+
+def test_readmes_quote_the_serve_starts():
+    """serve's start on the GPU (``bench starts --starts serve``): a fresh and a warm home, first answer and all
+    replicas, requests sent during the joins and none failed; both READMEs quote the file."""
+    from tinyllm_vllm.bench.starts import summarized
+
+    committed = _gpu("serve_starts.json")
+    assert summarized(json.loads(json.dumps(committed))) == committed
+    fresh, warm = committed["serve"]
+    assert [fresh["what"], warm["what"]] == ["serve, fresh home", "serve, same home again"]
+    assert fresh["cold"] and not warm["cold"]
+    for r in (fresh, warm):
+        assert r["requests_during_joins"] > 0 and r["failed_during_joins"] == 0
+        assert {"replicas", "first_answer_s", "all_replicas_s"} <= r.keys() and len(r["starts"]) == r["replicas"]
+        assert all({"phases", "timeline"} <= st.keys() for st in r["starts"])
+    for readme in (ROOT / "README.md", ROOT / "results" / "gpu" / "README.md"):
+        text = readme.read_text()
+        for r in (fresh, warm):
+            for key in ("first_answer_s", "all_replicas_s"):
+                assert f"{r[key]:.1f} s" in text, f"{readme.name}: {r['what']} {key} {r[key]} not quoted"
 
 
 def _gpu(name: str) -> dict:

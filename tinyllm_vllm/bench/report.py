@@ -174,7 +174,7 @@ def one_gpu_table(result: dict) -> str:
         rows += [
             "",
             f"`generate --input`: {b['rows']:,} rows on {b['engines']} engines, {b['useful_tok_s']:,.0f} useful tok/s "
-            f"while all engines generated ({b['over_best_offline']:.2f}x the best offline figure), "
+            f"at steady state ({b['over_best_offline']:.2f}x the best offline figure), "
             f"{b['seconds']:.1f} s from the first engine ready to the last row, {b['seconds_in_all']:.0f} s in all.",
         ]
     srv = result["runs"].get("serving") or {}

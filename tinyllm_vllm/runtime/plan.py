@@ -79,7 +79,9 @@ def plan(
         return GpuPlan(n, 1, {}, why + "; a light start: 1 API server each, the model in the engine's process")
     api_servers = max(1, min(4, cores // n - 2))
     # the model runs in its own worker process, so the engine core schedules the next step meanwhile
-    return GpuPlan(n, api_servers, {"distributed_executor_backend": "mp"}, why + f"; {api_servers} API servers each")
+    if not offline:  # an offline engine has no API server
+        why += f"; {api_servers} API server{'s' if api_servers > 1 else ''} each"
+    return GpuPlan(n, api_servers, {"distributed_executor_backend": "mp"}, why)
 
 
 def share(settings: Settings, n: int) -> Settings:

@@ -6,8 +6,9 @@ engine or server starts and echoes one short line per phase, so a learner sees w
 ``phases`` reads the same lines into numbers, and ``record`` appends them to ``starts.jsonl`` in the
 kit's log folder, which ``tinyllm-vllm bench walkthrough`` collects.
 
-Compiled graphs are cached under the kit's home (``VLLM_CACHE_ROOT``, see ``cache_env``), so a later
-start of the same configuration loads them instead of compiling again.
+Compiled graphs and Triton kernels are cached under the kit's home (``VLLM_CACHE_ROOT`` and
+``TRITON_CACHE_DIR``, see ``cache_env``), so a later start of the same configuration loads them instead of
+compiling again.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ from tinyllm_vllm.runtime.logs import LOG_TIME, PHASES, TIMELINE
 
 
 def cache_env(home: Path) -> dict[str, str]:
-    """vLLM's compile cache under the kit's home (unless VLLM_CACHE_ROOT is set): every engine, server and
-    replica the kit starts for a configuration reuses what the first one compiled."""
-    if os.environ.get("VLLM_CACHE_ROOT"):
-        return {}
-    return {"VLLM_CACHE_ROOT": str(Path(home) / "vllm-cache")}
+    """vLLM's compile cache under the kit's home (unless VLLM_CACHE_ROOT is set), and Triton's kernel cache
+    beside it (unless TRITON_CACHE_DIR is set; Triton's own default is ``~/.triton``, outside the home): every
+    engine, server and replica the kit starts for a configuration reuses what the first one compiled, and a
+    fresh home starts from nothing."""
+    env = {}
+    root = os.environ.get("VLLM_CACHE_ROOT")
+    if not root:
+        root = env["VLLM_CACHE_ROOT"] = str(Path(home) / "vllm-cache")
+    if not os.environ.get("TRITON_CACHE_DIR"):
+        env["TRITON_CACHE_DIR"] = str(Path(root) / "triton")
+    return env
 
 
 def _stamp(line: str, year: int) -> float | None:
