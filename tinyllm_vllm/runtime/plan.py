@@ -13,10 +13,11 @@ from typing import Any
 from tinyllm_vllm.errors import SettingsError
 from tinyllm_vllm.settings import Settings
 
-# What fills one GPU with this model, as measured on an H200 with 16 cores (results/gpu/one_gpu.json, the plan
-# scan): one offline engine is paced by its own CPU threads and keeps the card busy 13-17% of the time; 4 side
-# by side made 143k useful tok/s, 8 made 175k with nvidia-smi's utilization at 99.7%. Serving replicas were
-# measured at 4 (each adds API servers, so 4 busy processes a replica); 8 replicas were not measured.
+# What fills one GPU with this model, as measured on an H200 with 16 cores by `bench one-gpu`'s plan scan: one
+# offline engine is paced by its own CPU threads and keeps the card busy 13-17% of the time; 4 side by side made
+# 143k useful tok/s, 8 made 175k with nvidia-smi's utilization at 99.7% (a later run of the 8 alone, the one in
+# results/gpu/one_gpu.json: 176k). Serving replicas were measured at 4 (each adds API servers, so 4 busy
+# processes a replica); 8 replicas were not measured.
 USEFUL_ENGINES_PER_GPU = 8  # offline engines (``generate --input``, the benchmarks)
 USEFUL_REPLICAS_PER_GPU = 4  # servers behind one router
 CORES_PER_ENGINE = 2  # busy processes of one offline engine: its front end (the feeding loop) and engine core
