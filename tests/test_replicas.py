@@ -19,9 +19,13 @@ from tinyllm_vllm.testing import faults
 pytestmark = [pytest.mark.vllm, pytest.mark.reliability]
 
 
+SAID: list[str] = []  # what the fleet's start said
+
+
 @pytest.fixture(scope="module")
 def fleet(demo_dir, cpu_settings):
-    replicas = Replicas(demo_dir, 2, settings=cpu_settings, echo=None)
+    # staggered, as on a GPU: the second replica starts once the first has its model loaded
+    replicas = Replicas(demo_dir, 2, settings=cpu_settings, echo=SAID.append, stagger=True)
     with replicas:
         yield replicas.wait_all()
     groups = [replicas.router.proc.pid] + [s.proc.pid for s in replicas.servers]
@@ -55,6 +59,22 @@ def test_one_endpoint_answers_completions_chat_and_streaming(fleet):
     assert streamed == answer
     served = [metric(s, "vllm:request_success_total") for s in fleet.servers]
     assert all(n > 0 for n in served), served
+
+
+def _stamp(line: str) -> str | None:
+    """A vLLM log line's time ("MM-DD HH:MM:SS": within one run, comparable as text)."""
+    m = re.search(r" (?:INFO|WARNING|DEBUG) (\d\d-\d\d \d\d:\d\d:\d\d) ", line)
+    return m.group(1) if m else None
+
+
+def test_a_staggered_start_starts_the_second_replica_once_the_first_has_its_model(fleet):
+    """The second replica's first log line comes after the first replica's model was loaded (started at once,
+    it would come some seconds before: its imports take less than the first's whole way to the loaded model)."""
+    first, second = fleet.servers
+    assert any("replica 1/2 starts alone until its model is loaded, then the other 1" in line for line in SAID), SAID
+    loaded = next(ln for ln in first.log_file.read_text().splitlines() if "Loading weights took" in ln)
+    begun = next(ln for ln in second.log_file.read_text().splitlines() if _stamp(ln))
+    assert _stamp(begun) >= _stamp(loaded), (begun, loaded)
 
 
 def test_route_over_two_servers_as_separate_hosts(fleet, tmp_path):

@@ -10,9 +10,10 @@ warm-up, API server):
 * lighter settings, cold: vLLM's ``-O1`` and ``-O0`` (no compile, no CUDA graphs), with the throughput
   each one gives on the same requests (the cost of starting faster);
 * one ``vllm serve`` with the kit's settings, after the offline engine (does it hit that cache?);
-* ``serve``: the kit's replicas (``plan``) as ``tinyllm-vllm serve`` starts them, in a fresh kit home and
-  then in the same home again: seconds to the first answer and until every replica has joined the router,
-  each replica's start phases, and requests sent all through the joins (none may fail).
+* ``serve``: the kit's replicas (``plan``) as ``tinyllm-vllm serve`` starts them (staggered on a GPU), in a
+  fresh kit home and then in the same home again, and once more with every replica started at once (what the
+  stagger changes): seconds to the first answer and until every replica has joined the router, each
+  replica's start phases, and requests sent all through the joins (none may fail).
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def _offline_starts(base: EngineSpec, logs: Path, step: Callable[[dict], None]) 
 def _serve_starts(model: str | Path, settings: Settings, serve_home: Path, progress: Callable) -> list[dict]:
     os.environ["VLLM_CACHE_ROOT"] = str(serve_home / "vllm-cache")  # fresh again: the first serve compiles
     out = []
-    for label in ("fresh home", "same home again"):
-        r = serve_start(model, settings.replace(home=serve_home), label)
+    # the plan's start (staggered on a GPU), fresh and warm; then warm with every replica started at once
+    for label, stagger in (("fresh home", None), ("same home again", None), ("same home again, all at once", False)):
+        r = serve_start(model, settings.replace(home=serve_home), label, stagger=stagger)
         out.append(r)
         progress(
             f"[starts] serve, {label}: first answer after {r.get('first_answer_s')} s, all {r.get('replicas')} "
@@ -134,9 +136,12 @@ def _serve_starts(model: str | Path, settings: Settings, serve_home: Path, progr
     return out
 
 
-def serve_start(model: str | Path, settings: Settings, label: str, clients: int = 8) -> dict:
-    """``serve``'s start as a user meets it: the replicas of the plan, the endpoint answering on the first; while
-    the others join, ``clients`` threads send chat requests without pause, and every failure is counted."""
+def serve_start(
+    model: str | Path, settings: Settings, label: str, clients: int = 8, stagger: bool | None = None
+) -> dict:
+    """``serve``'s start as a user meets it: the replicas of the plan (``stagger``: as ``Replicas`` takes it), the
+    endpoint answering on the first; while the others join, ``clients`` threads send chat requests without
+    pause, and every failure is counted."""
     import threading
 
     import httpx
@@ -158,8 +163,9 @@ def serve_start(model: str | Path, settings: Settings, label: str, clients: int 
                 counts["failed"] += not ok
 
     try:
-        with Replicas(model, "auto", settings=settings, echo=None) as fleet:
-            out |= {"replicas": len(fleet.servers), "first_answer_s": round(fleet.first_answer_s, 1)}
+        with Replicas(model, "auto", settings=settings, echo=None, stagger=stagger) as fleet:
+            out |= {"replicas": len(fleet.servers), "staggered": fleet.stagger}
+            out["first_answer_s"] = round(fleet.first_answer_s, 1)
             senders = [
                 threading.Thread(target=send, args=(fleet.base_url, fleet.served_model_name)) for _ in range(clients)
             ]
@@ -207,14 +213,20 @@ def summarized(result: dict) -> dict:
         "tok_s_O0": by.get("offline engine, -O0, first start", {}).get("useful_tok_s"),
     }
     if result.get("serve"):  # serve's start: the first answer and full capacity, in the warm home
-        warm = result["serve"][-1]
+        serve = {r["what"]: r for r in result["serve"]}
+        warm = serve.get("serve, same home again", {})
         result["summary"] |= {
             "replicas_all_ready_s": warm.get("all_replicas_s"),
             "replicas": warm.get("replicas"),
             "serve_first_answer_s": warm.get("first_answer_s"),
-            "serve_cold_first_answer_s": result["serve"][0].get("first_answer_s"),
+            "serve_cold_first_answer_s": serve.get("serve, fresh home", {}).get("first_answer_s"),
             "serve_failed_during_joins": sum(r.get("failed_during_joins", 0) for r in result["serve"]),
         }
+        if at_once := serve.get("serve, same home again, all at once"):
+            result["summary"] |= {
+                "serve_at_once_first_answer_s": at_once.get("first_answer_s"),
+                "serve_at_once_all_replicas_s": at_once.get("all_replicas_s"),
+            }
     return {k: result[k] for k in ("kind", "summary")} | {k: v for k, v in result.items() if k != "summary"}
 
 

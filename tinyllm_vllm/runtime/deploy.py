@@ -4,9 +4,9 @@ A 92M model leaves a GPU mostly idle: one engine is bound by its own host work (
 output processing in Python), so N engines side by side, each a full server with 1/N of the GPU's
 memory, serve more. ``plan`` picks N (``auto``: from CPU cores, GPU memory and the measured useful
 count) and the options that measured best; ``share`` is the one memory-share rule. ``Replicas``
-starts the servers at the same time (each with a fixed KV-cache size, so vLLM's memory profiling does
-not race; the first with priority), answers through ``vllm-router`` as soon as one is ready, adds the
-others to the router as each becomes ready, and stops them together::
+starts the servers (each with a fixed KV-cache size, so vLLM's memory profiling does not race; the first
+with priority, and on a GPU alone until its model is loaded), answers through ``vllm-router`` as soon as
+one is ready, adds the others to the router as each becomes ready, and stops them together::
 
     with Replicas(model_dir, "auto") as endpoint:    # or tinyllm-vllm serve (--replicas auto on a GPU)
         client = endpoint.openai_client()            # answers now, on the first replica
@@ -19,6 +19,7 @@ Every server and the router run under the kit's watchdog (``procs``), so all of 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     import openai
 
 JOINER_NICE = 10  # the niceness of replicas 2..N while the first starts
+# staggered starts: replicas 2..N start once the first has its model on the device (vLLM's log line), or after
+# STAGGER_MAX_S at the most
+STAGGER_UNTIL = re.compile(r"Model loading took|Loading weights took")
+STAGGER_MAX_S = 90.0
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
 # Servers on other hosts fail in more ways than local replicas: the router retries a request on another worker
 # (3 times, backing off), and a worker that fails 5 times in a row is left out for 30 s, then tried again
@@ -168,8 +173,14 @@ class Replicas:
         env: dict[str, str] | None = None,
         echo: Callable[[str], Any] | None = print,
         light: bool = False,
+        stagger: bool | None = None,
     ) -> None:
         settings = settings or Settings.from_env()
+        # on a GPU the replicas' starts contend for the one device (CUDA start, vLLM's warm-up), which no CPU
+        # priority eases: measured on an H200, 4 replicas started at once were ready within 2 s of each other,
+        # so nothing answered before all did. Staggered, the first starts alone; on a CPU each replica has
+        # cores of its own and all start at once
+        self.stagger = settings.device == "cuda" if stagger is None else stagger
         self.plan = plan(settings, n, light)  # a plan the caller decided is used as it is, with its reason
         n = self.plan.engines
         self.settings, self.echo = settings, echo
@@ -224,8 +235,9 @@ class Replicas:
         return self.router.running and any(s.running for s in self.servers)
 
     def start(self) -> Replicas:
-        """Start every server at once, the first with priority; answer as soon as one is ready (the router
-        up with that one), and add the others to the router as each becomes ready (``joined``, ``wait_all``).
+        """Start every server, the first with priority (``stagger``: alone until its model is loaded); answer as
+        soon as one is ready (the router up with that one), and add the others to the router as each becomes
+        ready (``joined``, ``wait_all``).
         On a failure before the first answer everything started is stopped; a later replica that fails is
         reported and left out, the endpoint keeps answering."""
         t0 = time.monotonic()
@@ -237,6 +249,8 @@ class Replicas:
         prioritise = len(self.servers) > 1 and os.geteuid() == 0
         try:
             for i, server in enumerate(self.servers):
+                if i == 1 and self.stagger:
+                    self._until_loaded(self.servers[0], t0)
                 server.nice = JOINER_NICE if prioritise and i > 0 else 0
                 server.start(wait=False)
             first = self._first_ready(t0)
@@ -265,6 +279,20 @@ class Replicas:
         else:
             self.all_ready_s = self.first_answer_s
         return self
+
+    def _until_loaded(self, first: VLLMServer, t0: float) -> None:
+        """Wait until ``first`` has its model on the device, is ready, or STAGGER_MAX_S have passed (a server that
+        exited raises: nothing else is started)."""
+        if self.echo:
+            self.echo(
+                f"{first.what} starts alone until its model is loaded, then the other {len(self.servers) - 1} "
+                "(their starts would slow its start on the one GPU)"
+            )
+        while time.monotonic() - t0 < STAGGER_MAX_S and not first.is_ready():
+            log = first.log_file.read_text(errors="replace") if first.log_file and first.log_file.exists() else ""
+            if STAGGER_UNTIL.search(log):
+                return
+            time.sleep(0.25)
 
     def _first_ready(self, t0: float) -> VLLMServer:
         timeout = max(s.startup_timeout for s in self.servers)
