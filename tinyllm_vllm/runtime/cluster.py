@@ -241,6 +241,9 @@ def llm_replica_pids(token: str) -> list[int]:
     return out
 
 
+RAY_START_TIMED_OUT = "The current node timed out during startup"  # ray start's own message
+
+
 class LocalCluster:
     """A Ray cluster of several nodes on this machine: ``ray start --head`` and ``ray start --address`` for each
     other node, each with its own share of the CPUs and its own view of the GPU (``gpus`` each). Every process
@@ -275,9 +278,20 @@ class LocalCluster:
                 where = where or ["--address", self.address]
                 where += ["--temp-dir", str(self.temp_dir)] if i == 0 else []
                 env = os.environ | {MARK: token, "RAY_TMPDIR": str(self.temp_dir)} | startup.cache_env(self.home)
-                log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
-                self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
-                self._wait_nodes(i + 1, timeout)
+                for attempt in (1, 2):
+                    log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
+                    self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
+                    try:
+                        self._wait_nodes(i + 1, timeout)
+                        break
+                    except ServerError:
+                        # `ray start` gives its raylet a fixed 30 s to register: on a loaded machine that can pass
+                        # while the cluster is fine; one more try, then the error stands
+                        if attempt == 2 or RAY_START_TIMED_OUT not in log.read_text(errors="replace"):
+                            raise
+                        procs.stop_group(self.groups.pop(), grace=5)
+                        if self.echo:
+                            self.echo(f"Ray node {i + 1}/{self.nodes} timed out in Ray's 30 s start-up wait; again")
                 if self.echo:
                     self.echo(f"Ray node {i + 1}/{self.nodes} up ({'head' if i == 0 else 'worker'}, {cpus} CPUs)")
         except BaseException:
