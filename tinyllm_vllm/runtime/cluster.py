@@ -241,9 +241,6 @@ def llm_replica_pids(token: str) -> list[int]:
     return out
 
 
-RAY_START_TIMED_OUT = "The current node timed out during startup"  # ray start's own message
-
-
 class LocalCluster:
     """A Ray cluster of several nodes on this machine: ``ray start --head`` and ``ray start --address`` for each
     other node, each with its own share of the CPUs and its own view of the GPU (``gpus`` each). Every process
@@ -255,6 +252,7 @@ class LocalCluster:
         self.home, self.nodes, self.gpus, self.echo = Path(home), nodes, gpus, echo
         self.node_tokens = [uuid.uuid4().hex for _ in range(nodes)]
         self.groups: list[Any] = []
+        self.node_logs: list[Path] = []  # one per entry of groups
         self.port: int | None = None
         self.temp_dir: Path | None = None
 
@@ -263,6 +261,26 @@ class LocalCluster:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 180) -> LocalCluster:
+        """Start the nodes, the head first, each within ``timeout`` s. On a loaded machine a node can miss one
+        of Ray's own start-up waits (its raylet's fixed 30 s to register, its agents' health checks) while
+        nothing is wrong with the cluster: the whole cluster is then started once more, and a second failure
+        stands, quoting the node's log."""
+        try:
+            return self._start_nodes(timeout)
+        except ServerError as e:
+            self.stop()
+            if self.echo:
+                self.echo(f"the Ray cluster did not start; starting it again. {e}")
+        except BaseException:
+            self.stop()
+            raise
+        try:
+            return self._start_nodes(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_nodes(self, timeout: float) -> LocalCluster:
         with procs.hold_port() as held:  # a free port for the head's GCS (Ray binds it itself)
             self.port = held.getsockname()[1]
         cpus = max(1, len(os.sched_getaffinity(0)) // self.nodes)
@@ -272,31 +290,17 @@ class LocalCluster:
         # machine's current cluster (/tmp/ray/ray_current_cluster), which every later ray.init() without an
         # address would try to join, long after this cluster is gone (a short path: Ray's sockets live there)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="tinyllm-ray-"))
-        try:
-            for i, token in enumerate(self.node_tokens):
-                where = ["--head", "--port", str(self.port), "--include-dashboard=false"] if i == 0 else []
-                where = where or ["--address", self.address]
-                where += ["--temp-dir", str(self.temp_dir)] if i == 0 else []
-                env = os.environ | {MARK: token, "RAY_TMPDIR": str(self.temp_dir)} | startup.cache_env(self.home)
-                for attempt in (1, 2):
-                    log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
-                    self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
-                    try:
-                        self._wait_nodes(i + 1, timeout)
-                        break
-                    except ServerError:
-                        # `ray start` gives its raylet a fixed 30 s to register: on a loaded machine that can pass
-                        # while the cluster is fine; one more try, then the error stands
-                        if attempt == 2 or RAY_START_TIMED_OUT not in log.read_text(errors="replace"):
-                            raise
-                        procs.stop_group(self.groups.pop(), grace=5)
-                        if self.echo:
-                            self.echo(f"Ray node {i + 1}/{self.nodes} timed out in Ray's 30 s start-up wait; again")
-                if self.echo:
-                    self.echo(f"Ray node {i + 1}/{self.nodes} up ({'head' if i == 0 else 'worker'}, {cpus} CPUs)")
-        except BaseException:
-            self.stop()
-            raise
+        for i, token in enumerate(self.node_tokens):
+            where = ["--head", "--port", str(self.port), "--include-dashboard=false"] if i == 0 else []
+            where = where or ["--address", self.address]
+            where += ["--temp-dir", str(self.temp_dir)] if i == 0 else []
+            env = os.environ | {MARK: token, "RAY_TMPDIR": str(self.temp_dir)} | startup.cache_env(self.home)
+            log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
+            self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
+            self.node_logs.append(log)
+            self._wait_nodes(i + 1, timeout)
+            if self.echo:
+                self.echo(f"Ray node {i + 1}/{self.nodes} up ({'head' if i == 0 else 'worker'}, {cpus} CPUs)")
         return self
 
     @staticmethod
@@ -318,10 +322,18 @@ class LocalCluster:
     def _wait_nodes(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.alive_nodes() < n:
-            if any(g.poll() is not None for g in self.groups):
-                raise ServerError(f"a Ray node exited during start-up (logs: {self.home / 'logs'}/ray-node-*)")
+            for g, log in zip(self.groups, self.node_logs, strict=True):
+                if g.poll() is not None:
+                    raise ServerError(
+                        f"a Ray node exited during start-up (exit {g.returncode})\n"
+                        f"--- last lines of {log} ---\n{logs.tail(log, 25)}"
+                    )
             if time.monotonic() > deadline:
-                raise ServerError(f"the Ray cluster had fewer than {n} nodes after {timeout:.0f} s")
+                log = self.node_logs[-1]
+                raise ServerError(
+                    f"the Ray cluster had fewer than {n} nodes after {timeout:g} s\n"
+                    f"--- last lines of {log} ---\n{logs.tail(log, 25)}"
+                )
             time.sleep(2)
 
     def replicas_per_node(self) -> list[int]:
@@ -343,7 +355,7 @@ class LocalCluster:
             procs.stop_group(g, grace=10)
         for token in self.node_tokens:
             procs.sweep(MARK, token)
-        self.groups = []
+        self.groups, self.node_logs = [], []
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
