@@ -77,11 +77,8 @@ def starts(
     home = out_dir / "home"
     settings = settings.replace(home=home)
     os.environ["VLLM_CACHE_ROOT"] = str(home / "vllm-cache")  # fresh: the first start compiles
-    gpu = plan(settings, "auto")
-    path, description = prepare_workload(model, ChatLike(requests=requests), out_dir)
-    base = EngineSpec(str(model), str(path), engine_args=settings.engine_options() | gpu.engine_options)
     logs = home / "logs"
-    result: dict[str, Any] = {"kind": "starts", "machine": machine(), "workload": description, "timed": list(parts)}
+    result: dict[str, Any] = {"kind": "starts", "machine": machine(), "timed": list(parts)}
     result["starts"] = []
     out = result["starts"]
 
@@ -90,8 +87,10 @@ def starts(
         line = f"{r['seconds']} s" if "seconds" in r else f"failed: {r.get('error', '')[-300:]}"
         progress(f"[starts] {r['what']}: {line} {r.get('timeline', '')}")
 
-    if "offline" in parts:
-        _offline_starts(base, logs, step)
+    if "offline" in parts:  # engines of the plan's options, on the requests they are timed with
+        path, result["workload"] = prepare_workload(model, ChatLike(requests=requests), out_dir)
+        engine_args = settings.engine_options() | plan(settings, "auto").engine_options
+        _offline_starts(EngineSpec(str(model), str(path), engine_args=engine_args), logs, step)
     if "server" in parts:
         t = time.time()
         try:

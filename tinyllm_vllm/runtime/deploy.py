@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     import openai
 
 JOINER_NICE = 10  # the niceness of replicas 2..N while the first starts
-# staggered starts: replicas 2..N start once the first has its model on the device (vLLM's log line), or after
-# STAGGER_MAX_S at the most
-STAGGER_UNTIL = re.compile(r"Model loading took|Loading weights took")
+# staggered starts: replicas 2..N start once the first has its model on the device (the start timeline's
+# weights line), or after STAGGER_MAX_S at the most
+STAGGER_UNTIL = re.compile(dict(logs.TIMELINE)["weights_s"])
 STAGGER_MAX_S = 90.0
 POLICIES = ("round_robin", "power_of_two", "cache_aware", "random")
 # Servers on other hosts fail in more ways than local replicas: the router retries a request on another worker
