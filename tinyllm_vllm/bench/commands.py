@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from tinyllm_vllm.bench.starts import STARTS
 from tinyllm_vllm.bench.workload import ChatLike, Fixed
 from tinyllm_vllm.settings import Settings
 
@@ -69,8 +70,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--starts",
         nargs="+",
-        choices=["offline", "server", "serve"],
-        default=["offline", "server", "serve"],
+        choices=STARTS,
+        default=list(STARTS),
         help="starts: which to time: offline engines, one vllm serve, the kit's serve in a fresh and a warm home",
     )
     p.add_argument("--executed", help="walkthrough: keep the executed notebooks (HTML) in this folder")

@@ -275,6 +275,7 @@ def summary(r: dict) -> dict:
     missing = [k for k in ("batch", "serving") if k not in r["runs"]]
     missing += [k for k in ("single_engine", "qwen2", "transformers") if k not in off]
     scan = [x for x in r["runs"]["plan_scan"] if "useful_tok_s" in x]
+    single = [off["single_engine"] | {"engine_options": "vLLM's defaults"}] if "single_engine" in off else []
     winner = max(scan, key=lambda x: x["useful_tok_s"], default={}).get("engines")
     return {
         # a run stopped early keeps what it measured and says what it lacks
@@ -333,7 +334,6 @@ def summary(r: dict) -> dict:
                 if k in x
             }
             | {"gpu_busy": x["runs"][0].get("gpu_busy") if x.get("runs") else None}
-            for x in [off[k] | {"engine_options": "vLLM's defaults"} for k in ("single_engine",) if k in off]
-            + r["runs"]["plan_scan"]
+            for x in single + r["runs"]["plan_scan"]
         ],
     }

@@ -251,8 +251,7 @@ class LocalCluster:
     def __init__(self, home: Path, nodes: int = 2, gpus: float = 1, echo: Callable[[str], Any] | None = print):
         self.home, self.nodes, self.gpus, self.echo = Path(home), nodes, gpus, echo
         self.node_tokens = [uuid.uuid4().hex for _ in range(nodes)]
-        self.groups: list[Any] = []
-        self.node_logs: list[Path] = []  # one per entry of groups
+        self.groups: list[tuple[Any, Path]] = []  # each node's process group and its log
         self.port: int | None = None
         self.temp_dir: Path | None = None
 
@@ -266,16 +265,13 @@ class LocalCluster:
         nothing is wrong with the cluster: the whole cluster is then started once more, and a second failure
         stands, quoting the node's log."""
         try:
-            return self._start_nodes(timeout)
-        except ServerError as e:
-            self.stop()
-            if self.echo:
-                self.echo(f"the Ray cluster did not start; starting it again. {e}")
-        except BaseException:
-            self.stop()
-            raise
-        try:
-            return self._start_nodes(timeout)
+            try:
+                return self._start_nodes(timeout)
+            except ServerError as e:
+                self.stop()
+                if self.echo:
+                    self.echo(f"the Ray cluster did not start; starting it again. {e}")
+                return self._start_nodes(timeout)
         except BaseException:
             self.stop()
             raise
@@ -296,8 +292,7 @@ class LocalCluster:
             where += ["--temp-dir", str(self.temp_dir)] if i == 0 else []
             env = os.environ | {MARK: token, "RAY_TMPDIR": str(self.temp_dir)} | startup.cache_env(self.home)
             log = logs.new_log_file(self.home / "logs", f"ray-node-{i}")
-            self.groups.append(procs.start_group([self._ray_cli(), "start", *where, *common], log, env))
-            self.node_logs.append(log)
+            self.groups.append((procs.start_group([self._ray_cli(), "start", *where, *common], log, env), log))
             self._wait_nodes(i + 1, timeout)
             if self.echo:
                 self.echo(f"Ray node {i + 1}/{self.nodes} up ({'head' if i == 0 else 'worker'}, {cpus} CPUs)")
@@ -322,14 +317,14 @@ class LocalCluster:
     def _wait_nodes(self, n: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.alive_nodes() < n:
-            for g, log in zip(self.groups, self.node_logs, strict=True):
+            for g, log in self.groups:
                 if g.poll() is not None:
                     raise ServerError(
                         f"a Ray node exited during start-up (exit {g.returncode})\n"
                         f"--- last lines of {log} ---\n{logs.tail(log, 25)}"
                     )
             if time.monotonic() > deadline:
-                log = self.node_logs[-1]
+                log = self.groups[-1][1]
                 raise ServerError(
                     f"the Ray cluster had fewer than {n} nodes after {timeout:g} s\n"
                     f"--- last lines of {log} ---\n{logs.tail(log, 25)}"
@@ -351,11 +346,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every node and whatever process any of them started."""
-        for g in reversed(self.groups):
+        for g, _ in reversed(self.groups):
             procs.stop_group(g, grace=10)
         for token in self.node_tokens:
             procs.sweep(MARK, token)
-        self.groups, self.node_logs = [], []
+        self.groups = []
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
